@@ -1,0 +1,5 @@
+import sys
+
+from clip.cli import main
+
+sys.exit(main())
