@@ -158,6 +158,8 @@ def download(
             f"nothing was kept in {folder}. If ${BASE_URL_ENV} points at a mirror, check that it serves "
             f"the original file."
         )
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())  # as clip.io.atomic_path: the rename must not land before the bytes do
     os.replace(partial, target)  # atomic: the final path only ever holds a verified file
     return target
 
