@@ -42,7 +42,9 @@ class VisionConfig:
             if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
                 raise ValueError(f"a ResNet image tower needs four block counts, got layers={self.layers!r}")
             if self.image_size % 32:
-                raise ValueError(f"a ResNet image tower needs image_size divisible by 32, got {self.image_size}")
+                raise ValueError(
+                    f"a ResNet image tower needs image_size divisible by 32, got {self.image_size}"
+                )
         else:
             if not isinstance(self.layers, int):
                 raise ValueError(f"a ViT image tower needs an int layer count, got layers={self.layers!r}")
@@ -146,7 +148,9 @@ class CLIPConfig:
             heads=int(d["transformer_heads"]),
             layers=int(d["transformer_layers"]),
         )
-        return cls(embed_dim=int(d["embed_dim"]), vision=vision, text=text, quick_gelu=d.get("quick_gelu", True))
+        return cls(
+            embed_dim=int(d["embed_dim"]), vision=vision, text=text, quick_gelu=d.get("quick_gelu", True)
+        )
 
 
 def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
@@ -172,8 +176,12 @@ def _rn(embed: int, size: int, layers: tuple[int, int, int, int], width: int, tw
     )
 
 
-def _small(kind: str, size: int, width: int, layers: Any, heads: int, patch: int, text: TextConfig) -> CLIPConfig:
-    return CLIPConfig(embed_dim=text.width, vision=VisionConfig(kind, size, width, layers, heads, patch), text=text)
+def _small(
+    kind: str, size: int, width: int, layers: Any, heads: int, patch: int, text: TextConfig
+) -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=text.width, vision=VisionConfig(kind, size, width, layers, heads, patch), text=text
+    )
 
 
 def registry() -> dict[str, CLIPConfig]:

@@ -72,7 +72,13 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         act = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", act), ("c_proj", nn.Linear(width * 4, width))])
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, width * 4)),
+                    ("gelu", act),
+                    ("c_proj", nn.Linear(width * 4, width)),
+                ]
+            )
         )
         self.ln_2 = LayerNorm(width)
 
@@ -89,13 +95,17 @@ class Transformer(nn.Module):
     for openai/CLIP keeps working; the towers call it with `batch_first=True` and skip two permutes.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, quick_gelu: bool = True) -> None:
+    def __init__(
+        self, width: int, layers: int, heads: int, causal: bool = False, quick_gelu: bool = True
+    ) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.causal = causal
         self.grad_checkpointing = False
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)]
+        )
 
     def forward(self, x: torch.Tensor, batch_first: bool = False) -> torch.Tensor:
         """x: [L, N, D] (or [N, L, D] with batch_first) -> the same layout."""
@@ -248,7 +258,9 @@ class ModifiedResNet(nn.Module):
 def build_vision_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool) -> nn.Module:
     if cfg.kind == "resnet":
         return ModifiedResNet(cfg.layers, embed_dim, cfg.heads, cfg.image_size, cfg.width)
-    return VisionTransformer(cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, embed_dim, quick_gelu)
+    return VisionTransformer(
+        cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, embed_dim, quick_gelu
+    )
 
 
 class CLIP(nn.Module):
