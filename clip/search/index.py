@@ -1,0 +1,508 @@
+"""`Index`: a folder of images embedded by one CLIP model, searchable by text or by image.
+
+    import clip
+    idx = clip.Index.open("photos.idx", model="ViT-B/32")   # creates the index on first use
+    idx.sync("~/Pictures")                                   # embed new / changed files, drop deleted ones
+    for hit in idx.search_text("a dog on a beach", k=10):
+        print(f"{hit.score:.3f} {hit.path}")
+
+Updates are incremental (a file is re-embedded only when its size or mtime changed *and* its SHA-256 differs)
+and crash-safe (see `clip.search.store`).  An index records its model's identity (`clip.search.encoder`) and
+refuses to be extended or queried with another model.  Search is exact by default; with an approximate FAISS
+index present (built by `build_ann`, automatically by `clip index` above `ANN_THRESHOLD` vectors) it is used
+for large indexes, with the files added since it was built searched exactly on the side.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clip.search import ann as ann_mod
+from clip.search.encoder import Encoder, as_encoder
+from clip.search.scan import Job, default_workers, make_loader, relative_to, resolve_paths, walk_images
+from clip.search.store import DB_NAME, SHARD_TARGET_ROWS, FileRecord, Snapshot, Store
+from clip.search.topk import rank, search_exact
+
+# Above this many vectors an exact scan costs more than ~20 ms per query on a 2-core CPU (see docs/search.md),
+# so `clip index` builds an approximate index and searches use it.
+ANN_THRESHOLD = 200_000
+ANN_STALE_FRACTION = 0.1  # rebuild once this share of vectors was added or deleted since the last build
+
+
+class ModelMismatchError(ValueError):
+    """The model given is not the one whose embeddings the index holds."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    path: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "score": round(self.score, 6)}
+
+
+@dataclass
+class IndexReport:
+    """What one `add` / `sync` run did."""
+
+    added: int = 0  # new files embedded
+    updated: int = 0  # changed files re-embedded
+    unchanged_content: int = 0  # stat changed, content hash did not: nothing re-embedded
+    skipped: int = 0  # already indexed and unchanged (or unchanged and still unreadable)
+    removed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, message) read this run
+    seconds: float = 0.0
+    count: int = 0  # embeddings in the index afterwards
+
+    @property
+    def embedded(self) -> int:
+        return self.added + self.updated
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failed"] = [{"path": p, "error": m} for p, m in self.failed]
+        d["images_per_second"] = round(self.images_per_second, 2)
+        return d
+
+
+@dataclass
+class _Loaded:
+    """A snapshot with the derived structures searches need."""
+
+    snap: Snapshot
+    vectors: torch.Tensor  # float16 [N, D], shares memory with snap.vectors
+    row_of: Any = None  # vec_id -> row, built when the ANN is used
+    ann: ann_mod.AnnIndex | None = None
+    ann_info: dict | None = None
+
+
+class Index:
+    """An image index on disk.  Use `Index.open`; safe to share between threads (searches are serialised)."""
+
+    def __init__(self, store: Store, encoder: Encoder | None, device: str | torch.device) -> None:
+        self._store = store
+        self._encoder = encoder
+        self._device = device
+        self._lock = threading.RLock()
+        self._loaded: _Loaded | None = None
+
+    # ------------------------------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, model: Any = None, *, device: str | torch.device = "cpu") -> Index:
+        """Open the index at `path`, creating it when `model` is given and the folder holds none.
+
+        model: a model name or checkpoint path (as `clip.load` takes), a `(model, preprocess)` pair, an
+        `Encoder`, or None to use the model recorded in the index (loaded when first needed).
+        Raises ModelMismatchError if `model` differs from the index's model (weights, config, preprocessing).
+        """
+        root = Path(path)
+        if not (root / DB_NAME).exists() and model is None:
+            raise FileNotFoundError(
+                f"no index at {str(root)!r}; create one with `clip index PHOTOS --index {root} --model M` "
+                "or Index.open(path, model=...)"
+            )
+        encoder = as_encoder(model, device) if model is not None else None
+        store = Store(root, create=encoder is not None)
+        stored = store.get_meta("model_identity")
+        if stored is None:
+            if encoder is None:
+                raise ValueError(
+                    f"index {str(root)!r} records no model; open it with model=... to initialise it"
+                )
+            store.set_meta(
+                {
+                    "model_identity": encoder.identity,
+                    "model_spec": encoder.spec or "",
+                    "embed_dim": str(encoder.embed_dim),
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+        elif encoder is not None and encoder.identity != stored:
+            spec = store_spec(store)
+            store.close()
+            raise ModelMismatchError(
+                f"index {str(root)!r} holds embeddings of model {spec} (identity {stored[:12]}),"
+                f" but the model given, {encoder.describe()!r}, has identity {encoder.identity[:12]} (other "
+                "weights, config or preprocessing). Embeddings of different models cannot be mixed: use a "
+                "new index folder, or the index's own model (leave --model out)."
+            )
+        return cls(store, encoder, device)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def root(self) -> Path:
+        return self._store.root
+
+    @property
+    def model_identity(self) -> str:
+        return self._store.get_meta("model_identity") or ""
+
+    @property
+    def model_spec(self) -> str:
+        return self._store.get_meta("model_spec") or ""
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self._store.get_meta("embed_dim") or 0)
+
+    @property
+    def encoder(self) -> Encoder:
+        """The index's model, loaded from the recorded spec on first use and checked against the identity."""
+        with self._lock:
+            if self._encoder is None:
+                spec = self.model_spec
+                if not spec:
+                    raise ValueError(
+                        f"index {str(self.root)!r} was built with a model held in memory; pass it again: "
+                        "Index.open(path, model=(model, preprocess))"
+                    )
+                encoder = Encoder.load(spec, self._device)
+                if encoder.identity != self.model_identity:
+                    raise ModelMismatchError(
+                        f"the model at {spec!r} changed since index {str(self.root)!r} was built (identity "
+                        f"{encoder.identity[:12]}, index has {self.model_identity[:12]}); rebuild the index"
+                    )
+                self._encoder = encoder
+            return self._encoder
+
+    def __len__(self) -> int:
+        return self._store.count()
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self._store.has_path(path)
+
+    def file_info(self, path: str) -> FileRecord | None:
+        """The stored record of `path` (exactly as indexed: absolute), or None if it is not in the index."""
+        return self._store.file_info(path)
+
+    def errors(self) -> list[tuple[str, str]]:
+        """(path, message) of every file that could not be read, sorted by path."""
+        return self._store.errors()
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "index": str(self.root),
+            "model": self.model_spec,
+            "model_identity": self.model_identity,
+            "count": len(self),
+            "errors": [{"path": p, "error": m} for p, m in self.errors()],
+            "ann": json.loads(self._store.get_meta("ann") or "null"),
+        }
+
+    # ------------------------------------------------------------------------------------------ writing
+
+    def add(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        progress: bool = False,
+        commit_seconds: float = 2.0,
+    ) -> IndexReport:
+        """Embed the image files `paths` that are new or changed; unreadable ones are recorded as errors."""
+        with self._store.writing():
+            return self._update(resolve_paths(paths), [], batch_size, num_workers, progress, commit_seconds)
+
+    def sync(
+        self,
+        folder: str | os.PathLike,
+        *,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        progress: bool = False,
+        commit_seconds: float = 2.0,
+    ) -> IndexReport:
+        """Make the index match the images under `folder`: embed new and changed files, drop deleted ones.
+
+        Files indexed from other folders are left alone.
+        """
+        folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+        files = walk_images(folder, exclude=[self.root])
+        with self._store.writing():
+            present = set(files)
+            known = list(self._store.known_files()) + list(self._store.known_errors())
+            gone = [p for p in known if relative_to(p, folder) and p not in present]
+            return self._update(files, gone, batch_size, num_workers, progress, commit_seconds)
+
+    def remove(self, paths: Iterable[str | os.PathLike]) -> int:
+        """Drop `paths` from the index; returns how many embeddings were removed."""
+        with self._store.writing():
+            removed = self._store.delete(resolve_paths(paths))
+            self._store.compact()
+        return removed
+
+    def _plan(self, paths: list[str], report: IndexReport) -> list[Job]:
+        known = self._store.known_files()
+        bad = self._store.known_errors()
+        jobs = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                stat = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stat = None  # read_job records the error
+            if path in known:
+                if stat == known[path][:2]:
+                    report.skipped += 1
+                    continue
+                jobs.append(Job(path, known_sha256=known[path][2]))
+            elif path in bad and stat == bad[path]:
+                report.skipped += 1  # unchanged and still unreadable: do not retry every run
+            else:
+                jobs.append(Job(path))
+        return jobs
+
+    def _update(
+        self,
+        paths: list[str],
+        gone: list[str],
+        batch_size: int,
+        num_workers: int | None,
+        progress: bool,
+        commit_seconds: float,
+    ) -> IndexReport:
+        report = IndexReport()
+        t0 = time.perf_counter()
+        if gone:
+            report.removed = self._store.delete(gone)
+        jobs = self._plan(paths, report)
+        if jobs:
+            self._embed(jobs, report, batch_size, num_workers, progress, commit_seconds)
+        self._store.compact()
+        report.seconds = time.perf_counter() - t0
+        report.count = len(self)
+        return report
+
+    def _embed(
+        self,
+        jobs: list[Job],
+        report: IndexReport,
+        batch_size: int,
+        num_workers: int | None,
+        progress: bool,
+        commit_seconds: float,
+    ) -> None:
+        """Decode in workers, encode here, commit every `commit_seconds` (a killed run loses at most that)."""
+        from tqdm import tqdm
+
+        encoder = self.encoder
+        known = {j.path for j in jobs if j.known_sha256 is not None}
+        workers = default_workers() if num_workers is None else num_workers
+        loader = make_loader(jobs, encoder.preprocess, batch_size, min(workers, len(jobs)))
+        pending: tuple[list, list, list, list] = ([], [], [], [])  # vectors, records, errors, unchanged
+        last = time.monotonic()
+        with tqdm(total=len(jobs), unit="img", desc="indexing", disable=not progress, smoothing=0.1) as bar:
+            for batch in loader:
+                if batch.records:
+                    with self._lock:
+                        vecs = encoder.encode_pixels(batch.pixels)
+                    pending[0].append(vecs.to(torch.float16).numpy())
+                pending[1].extend(batch.records)
+                pending[2].extend(batch.errors)
+                pending[3].extend(batch.unchanged)
+                for r in batch.records:
+                    if r.path in known:
+                        report.updated += 1
+                    else:
+                        report.added += 1
+                report.unchanged_content += len(batch.unchanged)
+                report.failed.extend((e.path, e.message) for e in batch.errors)
+                bar.update(len(batch.records) + len(batch.errors) + len(batch.unchanged))
+                if time.monotonic() - last >= commit_seconds or len(pending[1]) >= SHARD_TARGET_ROWS:
+                    self._flush(pending)
+                    last = time.monotonic()
+            self._flush(pending)
+
+    def _flush(self, pending: tuple[list, list, list, list]) -> None:
+        vectors, records, errors, unchanged = pending
+        if not (records or errors or unchanged):
+            return
+        dim = self.embed_dim
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float16)
+        self._store.commit(stacked, list(records), list(errors), list(unchanged))
+        for part in pending:
+            part.clear()
+
+    # ---------------------------------------------------------------------------------------------- ANN
+
+    def ann_status(self) -> dict[str, Any]:
+        """{"built": bool, "stale": share of vectors added or deleted since the build, "info": meta}."""
+        info = json.loads(self._store.get_meta("ann") or "null")
+        count = len(self)
+        if info is None:
+            return {"built": False, "stale": 1.0, "info": None, "count": count}
+        covered = self._store.count_up_to(info["max_vec_id"])
+        changed = (count - covered) + (info["count"] - covered)
+        return {"built": True, "stale": changed / max(1, count), "info": info, "count": count}
+
+    def ann_needed(self) -> bool:
+        """Whether `build_ann` should run: big enough, faiss installed, and none built or too stale."""
+        status = self.ann_status()
+        if status["count"] < ANN_THRESHOLD or not ann_mod.faiss_available():
+            return False
+        return status["stale"] > ANN_STALE_FRACTION
+
+    def build_ann(
+        self, *, target_recall: float = ann_mod.TARGET_RECALL, nlist: int | None = None
+    ) -> dict[str, Any]:
+        """Build (or rebuild) the FAISS index over all vectors; returns its info, with recall@10 vs exact."""
+        loaded = self._load()
+        snap = loaded.snap
+        if len(snap.paths) == 0:
+            raise ValueError(f"index {str(self.root)!r} is empty: nothing to build an approximate index over")
+        index, stats = ann_mod.build(snap.vectors, snap.vec_ids, nlist=nlist, target_recall=target_recall)
+        name = f"ann-{os.urandom(6).hex()}.faiss"
+        with self._store.writing():
+            index.save(self.root / name)
+            info = ann_mod.AnnInfo(
+                file=name,
+                max_vec_id=int(snap.vec_ids.max()),
+                count=len(snap.paths),
+                nlist=stats["nlist"],
+                nprobe=stats["nprobe"],
+                recall=round(stats["recall"], 4),
+                build_seconds=round(stats["build_seconds"], 2),
+            ).to_dict()
+            self._store.set_meta({"ann": json.dumps(info)})
+            self._store.remove_orphans()  # the previous ANN file
+        with self._lock:
+            self._loaded = None
+        return info
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    def refresh(self) -> None:
+        """Reload vectors if another process (or this one) changed the index since they were loaded."""
+        self._load()
+
+    def _load(self) -> _Loaded:
+        with self._lock:
+            gen = self._store.generation()
+            if self._loaded is None or self._loaded.snap.generation != gen:
+                snap = self._store.snapshot(self.embed_dim)
+                self._loaded = _Loaded(snap, torch.from_numpy(snap.vectors))
+            return self._loaded
+
+    def _ann(self, loaded: _Loaded) -> bool:
+        """Attach the ANN index to `loaded` if one is built; returns whether it is usable."""
+        info = json.loads(self._store.get_meta("ann") or "null")
+        if info is None or not ann_mod.faiss_available():
+            return False
+        if loaded.ann is None or loaded.ann_info != info:
+            loaded.ann = ann_mod.AnnIndex.load(self.root / info["file"], info["nprobe"])
+            loaded.ann_info = info
+            loaded.row_of = ann_mod.row_lookup(loaded.snap.vec_ids)
+        return True
+
+    def search_vectors(
+        self, queries: torch.Tensor, k: int = 10, *, ann: bool | None = None
+    ) -> list[list[Hit]]:
+        """Top-k hits for each query vector [Q, D] (normalised here), best first, ties by path.
+
+        ann: None = the FAISS index if one is built and the index holds >= ANN_THRESHOLD vectors; True = FAISS
+        (built now if missing); False = exact.
+        """
+        if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
+            raise ValueError(f"queries must be [Q, {self.embed_dim}], got {list(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        q = F.normalize(queries.detach().float().cpu(), dim=-1)
+        if ann and not self.ann_status()["built"]:
+            self.build_ann()
+        with self._lock:
+            loaded = self._load()
+            use_ann = ann is not False and len(loaded.snap.paths) > 0 and self._ann(loaded)
+            if ann is None and len(loaded.snap.paths) < ANN_THRESHOLD:
+                use_ann = False
+            results = self._search_ann(loaded, q, k) if use_ann else search_exact(loaded.vectors, q, k)
+            paths = loaded.snap.paths
+        return [
+            [Hit(paths[r], float(s)) for r, s in zip(rows, scores, strict=True)] for rows, scores in results
+        ]
+
+    def _search_ann(self, loaded: _Loaded, q: torch.Tensor, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """FAISS candidates for the vectors it covers, exact search over newer ones; all rescored exactly."""
+        snap = loaded.snap
+        labels = loaded.ann.search(q.numpy(), ann_mod.candidates_for(k))
+        newer = np.flatnonzero(snap.vec_ids > loaded.ann_info["max_vec_id"])
+        side = search_exact(loaded.vectors[torch.from_numpy(newer)], q, k) if len(newer) else None
+        out = []
+        for i in range(q.shape[0]):
+            rows = loaded.row_of(labels[i][labels[i] >= 0])
+            rows = rows[rows >= 0]
+            if side is not None:
+                rows = np.concatenate([rows, newer[side[i][0]]])
+            out.append(rank(loaded.vectors, q[i], rows, k))
+        return out
+
+    @overload
+    def search_text(self, text: str, k: int = 10, *, ann: bool | None = None) -> list[Hit]: ...
+    @overload
+    def search_text(
+        self, text: Sequence[str], k: int = 10, *, ann: bool | None = None
+    ) -> list[list[Hit]]: ...
+
+    def search_text(self, text: str | Sequence[str], k: int = 10, *, ann: bool | None = None):
+        """Images best matching `text`: hits for one string, a list of hit lists for a list (one batch)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("search_text takes a string or a list of strings")
+        with self._lock:
+            q = self.encoder.encode_texts(texts)
+        hits = self.search_vectors(q, k, ann=ann)
+        return hits[0] if isinstance(text, str) else hits
+
+    @overload
+    def search_image(
+        self, image: Image.Image | str | os.PathLike, k: int = 10, *, ann: bool | None = None
+    ) -> list[Hit]: ...
+    @overload
+    def search_image(
+        self, image: Sequence[Image.Image | str | os.PathLike], k: int = 10, *, ann: bool | None = None
+    ) -> list[list[Hit]]: ...
+
+    def search_image(self, image, k: int = 10, *, ann: bool | None = None):
+        """Images most similar to `image` (a PIL image or a file path), or to each of a list of them."""
+        from clip.preprocess import load_image
+
+        single = isinstance(image, (Image.Image, str, os.PathLike))
+        items = [image] if single else list(image)
+        # Same reading policy as indexing (EXIF applied), so an indexed file finds itself with score ~1.
+        images = [im if isinstance(im, Image.Image) else load_image(im, exif=True) for im in items]
+        with self._lock:
+            q = self.encoder.encode_images(images)
+        hits = self.search_vectors(q, k, ann=ann)
+        return hits[0] if single else hits
+
+
+def store_spec(store: Store) -> str:
+    spec = store.get_meta("model_spec")
+    return repr(spec) if spec else "<model in memory>"
