@@ -314,12 +314,21 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """text: token ids [N, context_length] -> features [N, embed_dim] (not normalised).
 
-        Pooled at the end-of-text token, which has the highest id in each row.
+        Pooled at the end-of-text token, which has the highest id in each row.  Attention is causal,
+        so positions after the last end-of-text token cannot change the result: on CPU they are cut
+        off (a large saving for short captions); on accelerators the full length is kept, since
+        finding the cut needs a host sync.
         """
-        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)  # [N, L, D]
+        eot = text.argmax(dim=-1)  # [N]
+        if text.device.type == "cpu":
+            text = text[:, : int(eot.max()) + 1]
+        length = text.shape[1]
+        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[:length].to(
+            self.dtype
+        )  # [N, L, D]
         x = self.transformer(x, batch_first=True)
         x = self.ln_final(x).to(self.dtype)
-        return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits_per_image [N_img, N_txt], logits_per_text [N_txt, N_img])."""
