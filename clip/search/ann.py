@@ -208,9 +208,8 @@ def build(
     nlist = nlist or default_nlist(n)
     ann = AnnIndex.train(vectors, nlist, seed)
     ann.add(vectors, vec_ids)
-    q = torch.from_numpy(
-        np.ascontiguousarray(queries if queries is not None else probe_queries(vectors, n_queries, seed))
-    )
+    q = queries if queries is not None else probe_queries(vectors, n_queries, seed)
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
     mat = torch.from_numpy(vectors)
     truth = [rows for rows, _ in search_exact(mat, q, RECALL_K)]
     row_of = row_lookup(vec_ids)

@@ -92,6 +92,24 @@ class IndexLockedError(RuntimeError):
     pass
 
 
+def _lock_exclusive(fd: int, root: Path) -> None:
+    """Take a POSIX record lock on `fd` or raise IndexLockedError.
+
+    Not flock: a record lock belongs to this process only, so DataLoader workers forked while it is held do not
+    keep it alive after this process is killed.  Without fcntl (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        raise IndexLockedError(
+            f"index {str(root)!r} is being written by another process; wait for it to finish"
+        ) from err
+
+
 class Store:
     """SQLite + shard files of one index folder.  Thread-safe; one writing process at a time (file lock)."""
 
@@ -103,6 +121,7 @@ class Store:
                 raise FileNotFoundError(f"no index at {str(self.root)!r} (missing {DB_NAME})")
             (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._writer = threading.Lock()  # POSIX file locks do not exclude threads of one process
         self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just SIGKILL
@@ -225,21 +244,16 @@ class Store:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        """Hold the index's write lock (one writer process at a time) and delete orphaned files first."""
+        """Hold the index's write lock (one writer at a time) and delete orphaned files first."""
+        if not self._writer.acquire(blocking=False):
+            raise IndexLockedError(f"index {str(self.root)!r} is already being written by this process")
         try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks; single-writer use is the caller's business
-            fcntl = None
-        with open(self.root / LOCK_NAME, "a+") as lock_file:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError as err:
-                    raise IndexLockedError(
-                        f"index {str(self.root)!r} is being written by another process; wait for it to finish"
-                    ) from err
-            self.remove_orphans()
-            yield
+            with open(self.root / LOCK_NAME, "a+") as lock_file:
+                _lock_exclusive(lock_file.fileno(), self.root)
+                self.remove_orphans()
+                yield
+        finally:
+            self._writer.release()
 
     def remove_orphans(self) -> list[str]:
         """Delete shard / ANN files that no committed transaction refers to (left by a killed writer)."""

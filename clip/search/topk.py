@@ -62,6 +62,7 @@ def search_exact(vectors: torch.Tensor, queries: torch.Tensor, k: int) -> list[t
     Returns one (rows int64 [min(k, N)], scores float64) pair per query, best first, ties by row.
     """
     n, dim = vectors.shape
+    queries = queries.to(torch.float32)
     n_queries = queries.shape[0]
     if n == 0 or k <= 0:
         return [(np.zeros(0, np.int64), np.zeros(0, np.float64)) for _ in range(n_queries)]

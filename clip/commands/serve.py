@@ -1,0 +1,55 @@
+"""`clip serve IDX [--host 127.0.0.1 --port 8000]`: a search page and JSON API over an index."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from clip.cli import CLIError
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a search page for an index (localhost only by default)",
+        description=(
+            "Serve a web page to search IDX by text or by a dropped image, with a JSON API (/api/search, "
+            "POST /api/search/image, described at /openapi.json). Only indexed files are ever served."
+        ),
+    )
+    parser.add_argument("index", metavar="IDX", help="index folder made by `clip index`")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image accepted (MB)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from clip.search.server import ServerLimits, serve
+    except ImportError as err:
+        raise CLIError(
+            f"clip serve needs starlette and uvicorn: pip install 'clipforge[search]' ({err})"
+        ) from None
+    from clip.search.index import Index
+
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_upload_mb <= 0:
+        raise CLIError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.host not in LOCAL_HOSTS:
+        print(
+            f"warning: serving on {args.host}: anyone who can reach port {args.port} can search and view "
+            "the indexed images",
+            file=sys.stderr,
+        )
+    idx = Index.open(args.index, device=args.device)
+    _ = idx.encoder  # load the model now, so the first query is not slow and a bad model fails here
+    print(f"serving {len(idx)} images from {args.index} at http://{args.host}:{args.port}/", flush=True)
+    serve(idx, args.host, args.port, ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024)))
+    return 0
