@@ -117,7 +117,9 @@ def test_bad_files_listed_not_fatal(tmp_path, ckpt, monkeypatch):
     assert fixed.added == 1 and len(idx.errors()) == 2
 
     # The CLI writes the report with every unreadable file and prints them.
-    assert run_cli(["index", str(photos), "--index", str(tmp_path / "idx"), "--no-progress"], monkeypatch) == 0
+    assert (
+        run_cli(["index", str(photos), "--index", str(tmp_path / "idx"), "--no-progress"], monkeypatch) == 0
+    )
     saved = json.loads((tmp_path / "idx" / "report.json").read_text())
     assert sorted(os.path.basename(e["path"]) for e in saved["errors"]) == ["empty.png", "truncated.png"]
     assert saved["count"] == 5
