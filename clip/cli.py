@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.download",
     "clip.commands.convert",
     "clip.commands.train",
+    "clip.commands.demo",
 )
 
 
