@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.convert",
     "clip.commands.train",
     "clip.commands.demo",
+    "clip.commands.data",
 )
 
 
