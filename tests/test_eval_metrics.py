@@ -86,7 +86,9 @@ def test_text_to_image_ranks_by_hand():
 
 def test_retrieval_metrics_by_hand():
     out = metrics.retrieval_metrics(
-        metrics.image_to_text_ranks(SIM, CAPTION_IMAGE), metrics.text_to_image_ranks(SIM, CAPTION_IMAGE), ks=(1, 2)
+        metrics.image_to_text_ranks(SIM, CAPTION_IMAGE),
+        metrics.text_to_image_ranks(SIM, CAPTION_IMAGE),
+        ks=(1, 2),
     )
     assert out["image_to_text_R@1"] == pytest.approx(1 / 3)
     assert out["image_to_text_R@2"] == 1.0
@@ -121,7 +123,9 @@ def test_evaluate_retrieval_blocks_match_metrics():
     blocked = evaluate_retrieval(img, txt, cap, block=3)
     assert whole == blocked
     sim = img @ txt.t()
-    ref = metrics.retrieval_metrics(metrics.image_to_text_ranks(sim, cap), metrics.text_to_image_ranks(sim, cap))
+    ref = metrics.retrieval_metrics(
+        metrics.image_to_text_ranks(sim, cap), metrics.text_to_image_ranks(sim, cap)
+    )
     assert whole == ref
 
 

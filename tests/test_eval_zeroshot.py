@@ -10,8 +10,22 @@ from clip.data import templates as prompt_data
 from clip.tokenizer import tokenize
 from clip.zeroshot import zero_shot_classifier
 
-CLASSES = ["dog", "cat", "golden retriever", "a very long class name with many words in it", "x", "t-shirt", "ox"]
-TEMPLATES = ["a photo of a {}.", "{}", "a blurry photo of the {}, seen from far away.", "itap of a {}.", "{} {}"]
+CLASSES = [
+    "dog",
+    "cat",
+    "golden retriever",
+    "a very long class name with many words in it",
+    "x",
+    "t-shirt",
+    "ox",
+]
+TEMPLATES = [
+    "a photo of a {}.",
+    "{}",
+    "a blurry photo of the {}, seen from far away.",
+    "itap of a {}.",
+    "{} {}",
+]
 
 
 @torch.no_grad()
@@ -19,7 +33,9 @@ def per_class_loop(model, classnames, templates):
     """OpenAI's notebook: one class at a time, full-length tokens, mean of normalised embeddings."""
     weights = []
     for c in classnames:
-        tokens = tokenize([t.replace("{}", c) for t in templates], context_length=model.context_length, truncate=True)
+        tokens = tokenize(
+            [t.replace("{}", c) for t in templates], context_length=model.context_length, truncate=True
+        )
         emb = F.normalize(model.encode_text(tokens), dim=-1)
         weights.append(F.normalize(emb.mean(dim=0), dim=0))
     return torch.stack(weights, dim=1)
@@ -58,9 +74,12 @@ def test_classifier_full_length_path_for_other_models(tiny_model):
 def test_classifier_trims_batches_for_clip(tiny_model, monkeypatch):
     seen = []
     original = type(tiny_model).encode_text
-    monkeypatch.setattr(type(tiny_model), "encode_text", lambda self, t: seen.append(t.shape[1]) or original(self, t))
+    monkeypatch.setattr(
+        type(tiny_model), "encode_text", lambda self, t: seen.append(t.shape[1]) or original(self, t)
+    )
     zero_shot_classifier(tiny_model, ["dog", "cat"], ["a photo of a {}."], batch_size=8)
-    assert seen and max(seen) < 12  # "a photo of a dog." is 8 ids with <sot>/<eot>, far below the context of 32
+    # "a photo of a dog." is 8 ids with <sot> and <eot>, far below the context length of 32
+    assert seen and max(seen) < 12
 
 
 def test_classifier_input_errors(tiny_model):
@@ -89,7 +108,10 @@ def test_shipped_prompt_data():
     assert len(prompt_data.templates("imagenet-7")) == 7
     assert set(prompt_data.templates("imagenet-7")) <= set(prompt_data.templates("imagenet"))
     assert prompt_data.classnames("cifar10")[0] == "airplane" and len(prompt_data.classnames("cifar10")) == 10
-    assert len(prompt_data.classnames("cifar100")) == 100 and prompt_data.classnames("cifar100")[1] == "aquarium fish"
+    assert (
+        len(prompt_data.classnames("cifar100")) == 100
+        and prompt_data.classnames("cifar100")[1] == "aquarium fish"
+    )
     assert len(prompt_data.templates("cifar100")) == 18
     assert prompt_data.templates("simple") == ["a photo of a {}."]
     for name in prompt_data.template_names():

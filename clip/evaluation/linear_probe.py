@@ -54,9 +54,14 @@ def fit_logistic_regression(
     b.requires_grad_(True)
     penalty = 1.0 / (2.0 * c * n)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6, tolerance_change=1e-9,
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
         line_search_fn="strong_wolfe",
-    )  # fmt: skip
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

@@ -1,0 +1,119 @@
+"""`clip classify IMAGE... --labels "a dog,a cat" --model M`: each image's most likely labels.
+
+Labels are used as written unless --templates is given, in which case each label is put into every
+template ("a photo of a {}.") and the prompts are ensembled (`clip.zero_shot_classifier`). Probabilities
+are the softmax of the model's scaled cosine similarities over the labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from clip.cli import CLIError
+from clip.commands.eval import add_model_args, load_model
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "classify",
+        help="zero-shot classify images against a list of labels",
+        description="Print each image's top labels with probabilities (zero-shot, no training).",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help='comma-separated labels, e.g. "a dog,a cat,a diagram"')
+    labels.add_argument("--labels-file", help="file with one label per line (labels may contain commas)")
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="template set NAME (imagenet, imagenet-7, cifar10, cifar100, simple), a FILE with one template "
+        'per line, or one template such as "a photo of a {}." (default: the labels as written)',
+    )
+    parser.add_argument("--top", type=int, default=5, help="labels shown per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_model_args(parser)
+    parser.set_defaults(func=run)
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    from clip.evaluation.datasets import read_classnames
+
+    if args.labels_file:
+        return read_classnames(args.labels_file)
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if not labels:
+        raise CLIError('--labels is empty; give comma-separated labels such as "a dog,a cat"')
+    if len(set(labels)) != len(labels):
+        raise CLIError("--labels lists a label more than once")
+    return labels
+
+
+def classify_images(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the classification; returns {'results': [...], 'skipped': [...], 'labels': [...], ...}."""
+    from clip.data.templates import resolve_templates
+    from clip.evaluation.features import autocast, describe_failures, encode_images
+    from clip.zeroshot import zero_shot_classifier
+
+    labels = _labels(args)
+    templates = resolve_templates(args.templates, default=["{}"])
+    if args.top < 1:
+        raise CLIError("--top must be >= 1")
+    model, preprocess, device = load_model(args)
+    progress = not args.no_progress
+    with autocast(device, args.precision):
+        classifier = zero_shot_classifier(model, labels, templates, device=device)  # [D, K]
+    enc = encode_images(
+        model.encode_image,
+        args.images,
+        preprocess,
+        args.batch_size,
+        args.workers,
+        device,
+        args.precision,
+        progress,
+    )
+    # OpenAI's models learn a temperature; 100 is its clamp during training.
+    scale = (
+        float(model.logit_scale.detach().exp().clamp(max=100.0)) if hasattr(model, "logit_scale") else 100.0
+    )
+    probs = (scale * enc.features @ classifier.cpu()).softmax(dim=-1)  # [N_ok, K]
+    top = probs.topk(min(args.top, len(labels)), dim=-1)
+    results = [
+        {
+            "image": args.images[int(i)],
+            "predictions": [
+                {"label": labels[int(j)], "probability": round(float(p), 6)} for p, j in zip(values, indices)
+            ],
+        }
+        for i, values, indices in zip(enc.index, top.values, top.indices)
+    ]
+    return {
+        "model": args.model,
+        "labels": labels,
+        "n_templates": len(templates),
+        "results": results,
+        "n_skipped": enc.n_skipped,
+        "skipped": describe_failures(args.images, enc.failed, limit=len(enc.failed)),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out = classify_images(args)
+    if args.json:
+        out["seconds"] = round(time.perf_counter() - start, 3)
+        print(json.dumps(out, indent=2), flush=True)
+        return 0
+    lines = []
+    for r in out["results"]:
+        lines.append(r["image"])
+        lines += [f"  {p['probability']:7.2%}  {p['label']}" for p in r["predictions"]]
+    for s in out["skipped"]:
+        lines.append(f"skipped {s['image']}: {s['error']}")
+    if out["n_skipped"]:
+        lines.append(f"{out['n_skipped']} unreadable image(s) skipped")
+    print("\n".join(lines), flush=True)
+    return 0
