@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--ann",
         choices=("auto", "always", "never"),
         default="auto",
-        help="build an approximate (FAISS) index: auto = above 200,000 images when faiss is installed",
+        help="build an approximate (FAISS) index: auto = from 100,000 images when faiss is installed",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)

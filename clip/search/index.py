@@ -36,9 +36,10 @@ from clip.search.scan import Job, default_workers, make_loader, relative_to, res
 from clip.search.store import DB_NAME, SHARD_TARGET_ROWS, FileRecord, Snapshot, Store
 from clip.search.topk import rank, search_exact
 
-# Above this many vectors an exact scan costs more than ~20 ms per query on a 2-core CPU (see docs/search.md),
+# Above this many vectors an exact scan costs more than ~25 ms per query on a 2-core CPU (see docs/search.md),
 # so `clip index` builds an approximate index and searches use it.
-ANN_THRESHOLD = 200_000
+ANN_THRESHOLD = 100_000
+COMPACT_EVERY = 256  # commits between shard merges during a run
 ANN_STALE_FRACTION = 0.1  # rebuild once this share of vectors was added or deleted since the last build
 
 
@@ -319,6 +320,7 @@ class Index:
         loader = make_loader(jobs, encoder.preprocess, batch_size, min(workers, len(jobs)))
         pending: tuple[list, list, list, list] = ([], [], [], [])  # vectors, records, errors, unchanged
         last = time.monotonic()
+        flushes = 0
         with tqdm(total=len(jobs), unit="img", desc="indexing", disable=not progress, smoothing=0.1) as bar:
             for batch in loader:
                 if batch.records:
@@ -339,6 +341,9 @@ class Index:
                 if time.monotonic() - last >= commit_seconds or len(pending[1]) >= SHARD_TARGET_ROWS:
                     self._flush(pending)
                     last = time.monotonic()
+                    flushes += 1
+                    if flushes % COMPACT_EVERY == 0:
+                        self._store.compact()  # keep the shard count bounded during a long run
             self._flush(pending)
 
     def _flush(self, pending: tuple[list, list, list, list]) -> None:
@@ -453,7 +458,11 @@ class Index:
         snap = loaded.snap
         labels = loaded.ann.search(q.numpy(), ann_mod.candidates_for(k))
         newer = np.flatnonzero(snap.vec_ids > loaded.ann_info["max_vec_id"])
-        side = search_exact(loaded.vectors[torch.from_numpy(newer)], q, k) if len(newer) else None
+        side = (
+            search_exact(loaded.vectors.index_select(0, torch.from_numpy(newer)), q, k)
+            if len(newer)
+            else None
+        )
         out = []
         for i in range(q.shape[0]):
             rows = loaded.row_of(labels[i][labels[i] >= 0])

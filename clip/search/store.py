@@ -154,6 +154,17 @@ class Store:
                 raise
             cur.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def _read_transaction(self) -> Iterator[sqlite3.Cursor]:
+        """A deferred transaction: one consistent snapshot (WAL), without blocking a writer."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            finally:
+                cur.execute("COMMIT")
+
     def get_meta(self, key: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -212,7 +223,7 @@ class Store:
     def snapshot(self, embed_dim: int) -> Snapshot:
         """Load every live vector, sorted by path.  Retries if a concurrent compaction removed a shard."""
         for attempt in range(5):
-            with self._transaction() as cur:  # one transaction: rows and shard names agree
+            with self._read_transaction() as cur:  # one snapshot: rows and shard names agree
                 generation = int(cur.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
                 rows = cur.execute("SELECT path, vec_id, shard, row FROM files ORDER BY path").fetchall()
                 names = dict(cur.execute("SELECT id, name FROM shards").fetchall())
