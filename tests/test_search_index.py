@@ -232,6 +232,11 @@ def test_cli_index_and_search(tmp_path, ckpt, monkeypatch, capsys):
     assert run_cli(["search", idx_dir], monkeypatch) == 2
     assert run_cli(["search", str(tmp_path / "nothing"), "x"], monkeypatch) == 2
     assert "no index" in capsys.readouterr().err
+    # --model points at the index's model where it lives now; it never creates an index.
+    moved = shutil.copy(ckpt, tmp_path / "moved.pt")
+    assert run_cli(["search", idx_dir, "x", "-k", "1", "--model", str(moved)], monkeypatch) == 0
+    assert run_cli(["search", str(tmp_path / "nothing"), "x", "--model", str(moved)], monkeypatch) == 2
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_formats_and_exif_orientation(tmp_path, ckpt):

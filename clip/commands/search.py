@@ -31,6 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--exact", action="store_true", help="exact search even where an approximate index exists"
     )
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="M",
+        help="where the index's model is now, if its recorded path moved (it must be the same model)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.text and not args.image:
         raise CLIError('give a text query (clip search IDX "a dog") or --image FILE')
     ann = True if args.ann else False if args.exact else None
-    with Index.open(args.index, device=args.device) as idx:
+    with Index.open(args.index, model=args.model, device=args.device, create=False) as idx:
         if ann and not idx.ann_status()["built"]:
             info = idx.build_ann()
             print(

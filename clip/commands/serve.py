@@ -26,6 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image accepted (MB)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="M",
+        help="where the index's model is now, if its recorded path moved (it must be the same model)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             "the indexed images",
             file=sys.stderr,
         )
-    idx = Index.open(args.index, device=args.device)
+    idx = Index.open(args.index, model=args.model, device=args.device, create=False)
     _ = idx.encoder  # load the model now, so the first query is not slow and a bad model fails here
     print(f"serving {len(idx)} images from {args.index} at http://{args.host}:{args.port}/", flush=True)
     serve(idx, args.host, args.port, ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024)))

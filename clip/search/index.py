@@ -108,15 +108,22 @@ class Index:
     # ------------------------------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike, model: Any = None, *, device: str | torch.device = "cpu") -> Index:
-        """Open the index at `path`, creating it when `model` is given and the folder holds none.
+    def open(
+        cls,
+        path: str | os.PathLike,
+        model: Any = None,
+        *,
+        device: str | torch.device = "cpu",
+        create: bool = True,
+    ) -> Index:
+        """Open the index at `path`, creating it when `model` is given (and `create`) and the folder holds none.
 
         model: a model name or checkpoint path (as `clip.load` takes), a `(model, preprocess)` pair, an
         `Encoder`, or None to use the model recorded in the index (loaded when first needed).
         Raises ModelMismatchError if `model` differs from the index's model (weights, config, preprocessing).
         """
         root = Path(path)
-        if not (root / DB_NAME).exists() and model is None:
+        if not (root / DB_NAME).exists() and (model is None or not create):
             raise FileNotFoundError(
                 f"no index at {str(root)!r}; create one with `clip index PHOTOS --index {root} --model M` "
                 "or Index.open(path, model=...)"
