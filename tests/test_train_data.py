@@ -252,3 +252,30 @@ def test_wds_training_two_ranks_two_workers_sees_each_sample_once(tmp_path):
     assert any(epoch == 1 for epoch, _ in ranks[0]["seen"])  # the run went on into the next epoch
     assert ranks[0]["step"] == 9 and ranks[0]["skipped"] == ranks[1]["skipped"]
     assert ranks[0]["skipped"]["unreadable_image"] >= 1  # counted over all ranks, every epoch it is met
+
+
+def test_wds_training_resume_equals_uninterrupted(tmp_path):
+    from clip.train import DataConfig, ModelSpec, OptimConfig, RunConfig, TrainConfig, train
+
+    write_shards(tmp_path / "shards", 3, 7)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+
+    def cfg(out: str, **run) -> TrainConfig:
+        return TrainConfig(
+            data=DataConfig(
+                train_data=str(tmp_path / "shards" / "shard-{000000..000002}.tar"),
+                batch_size=3,
+                workers=2,
+                shuffle_buffer=4,
+            ),  # fmt: skip
+            model=ModelSpec(name=None, config_path=str(tmp_path / "tiny.json")),
+            optim=OptimConfig(lr=1e-3, warmup=1),
+            run=RunConfig(output_dir=str(tmp_path / out), steps=10, save_every=4, progress=False, **run),
+        )
+
+    full = train(cfg("full"))
+    # resume mid-epoch (workers partly consumed); the resumed run then rolls over into epoch 1
+    resumed = train(cfg("again", resume=str(tmp_path / "full" / "checkpoints" / "step_000004.pt")))
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    assert full.epoch == resumed.epoch == 1

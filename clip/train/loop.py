@@ -269,7 +269,8 @@ def _loop(run: Run) -> bool:
     if run.cfg.model.lock_image:
         run.inner.clip.visual.eval()  # a locked tower keeps its BatchNorm statistics (LiT)
     recent: deque[float] = deque(maxlen=20)
-    epoch_samples = 0
+    # Samples met in this epoch: a resumed epoch already had some (its position is past the start).
+    epoch_samples = run.stream.position().get("batch", 0)
     budget = run.cfg.run.max_seconds
     while run.step < run.total_steps:
         t0 = time.perf_counter()
