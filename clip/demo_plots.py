@@ -12,7 +12,9 @@ from clip.io import atomic_path
 from clip.model import CLIP
 
 
-def examples_grid(model: CLIP, data: EmojiData, path: str | os.PathLike, per_cell: int = 4, seed: int = 0) -> None:
+def examples_grid(
+    model: CLIP, data: EmojiData, path: str | os.PathLike, per_cell: int = 4, seed: int = 0
+) -> None:
     """PNG grid: `per_cell` random images from each zero-shot cell, titled with their top-3 captions.
 
     A correct first guess is green, a correct guess at rank 2-3 orange, a miss red.
@@ -42,8 +44,18 @@ def examples_grid(model: CLIP, data: EmojiData, path: str | os.PathLike, per_cel
             ax.imshow(data.images[cell.indices[i]], interpolation="nearest")
             names = [cell.captions[j].removeprefix("an emoji of ") for j in top]
             truth = cell.captions[int(labels[i])].removeprefix("an emoji of ")
-            ax.set_title("\n".join(f"{n + 1}. {_short(t)}" for n, t in enumerate(names)), fontsize=8, color=colour)
-            ax.text(0.5, -0.06, f"true: {_short(truth)}", transform=ax.transAxes, ha="center", va="top", fontsize=8)
+            ax.set_title(
+                "\n".join(f"{n + 1}. {_short(t)}" for n, t in enumerate(names)), fontsize=8, color=colour
+            )
+            ax.text(
+                0.5,
+                -0.06,
+                f"true: {_short(truth)}",
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=8,
+            )
         axes[row][0].text(
             -0.15, 0.5, CELL_TITLES[kind], transform=axes[row][0].transAxes, rotation=90, ha="right", va="center",
             fontsize=9,

@@ -14,12 +14,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "curves.png, examples.png and checkpoints/latest.pt into OUT.",
     )
     p.add_argument("--output-dir", default="demo-out", help="OUT folder (default: demo-out)")
-    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget for the whole run (default 10)")
+    p.add_argument(
+        "--minutes", type=float, default=10.0, help="wall-clock budget for the whole run (default 10)"
+    )
     p.add_argument("--steps", type=int, help="train exactly this many steps instead of filling the budget")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes (0: load in the main process)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="DataLoader processes (0: load in the main process)"
+    )
     p.add_argument("--model-config", help="JSON of a CLIPConfig (CLIPConfig.to_dict()) to train instead")
     p.add_argument("--max-concepts", type=int, help="train and evaluate on a random slice of concepts")
     p.add_argument("--no-openmoji", action="store_true", help="train on Noto and Twemoji only")
