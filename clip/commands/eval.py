@@ -11,6 +11,7 @@ with at most 100 classes, a confusion-matrix PNG beside it).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,14 @@ def _confusion_png(args: argparse.Namespace, result: Any, classnames: list[str])
     from clip.evaluation.plots import MAX_PLOT_CLASSES, save_confusion_matrix_png
 
     if not args.output or len(classnames) > MAX_PLOT_CLASSES:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(
+            "confusion-matrix PNG skipped: matplotlib is not installed (pip install matplotlib)",
+            file=sys.stderr,
+        )
         return None
     out = Path(args.output)
     png = out.with_name(out.stem + "_confusion.png")
