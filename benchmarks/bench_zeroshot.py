@@ -36,10 +36,20 @@ def open_clip_twin(model: torch.nn.Module) -> torch.nn.Module:
     cfg = model.config
     if cfg.vision.kind != "vit":
         raise SystemExit("this benchmark builds open_clip twins of ViT configs only")
-    vision = {"layers": cfg.vision.layers, "width": cfg.vision.width, "head_width": cfg.vision.width // cfg.vision.heads,
-              "patch_size": cfg.vision.patch_size, "image_size": cfg.vision.image_size}  # fmt: skip
-    text = {"context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size, "width": cfg.text.width,
-            "heads": cfg.text.heads, "layers": cfg.text.layers}  # fmt: skip
+    vision = {
+        "layers": cfg.vision.layers,
+        "width": cfg.vision.width,
+        "head_width": cfg.vision.width // cfg.vision.heads,
+        "patch_size": cfg.vision.patch_size,
+        "image_size": cfg.vision.image_size,
+    }
+    text = {
+        "context_length": cfg.text.context_length,
+        "vocab_size": cfg.text.vocab_size,
+        "width": cfg.text.width,
+        "heads": cfg.text.heads,
+        "layers": cfg.text.layers,
+    }
     twin = open_clip.model.CLIP(cfg.embed_dim, vision, text, quick_gelu=cfg.quick_gelu)
     twin.load_state_dict(model.state_dict(), strict=True)
     return twin.eval()
@@ -70,13 +80,31 @@ def bench_classifier(ours, theirs, classnames, templates, args, meta):
             weights[impl], seconds = timed(fn)
             best[impl] = min(best[impl], seconds)
     n_texts = len(classnames) * len(templates)
-    line = {"bench": "zero_shot_classifier", "model": args.model, "classes": len(classnames),
-            "templates": len(templates), "texts": n_texts}  # fmt: skip
+    line = {
+        "bench": "zero_shot_classifier",
+        "model": args.model,
+        "classes": len(classnames),
+        "templates": len(templates),
+        "texts": n_texts,
+    }
     for impl, seconds in best.items():
-        print(json.dumps({**line, "impl": impl, "seconds": round(seconds, 3),
-                          "texts_per_s": round(n_texts / seconds, 1), **meta}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    **line,
+                    "impl": impl,
+                    "seconds": round(seconds, 3),
+                    "texts_per_s": round(n_texts / seconds, 1),
+                    **meta,
+                }
+            ),
+            flush=True,
+        )
     diff = float((weights["ours"] - weights["open_clip"].float()).abs().max())
-    print(json.dumps({**line, "ratio": round(best["open_clip"] / best["ours"], 3), "max_abs_diff": diff}), flush=True)
+    print(
+        json.dumps({**line, "ratio": round(best["open_clip"] / best["ours"], 3), "max_abs_diff": diff}),
+        flush=True,
+    )
     return weights["ours"]
 
 
@@ -127,8 +155,11 @@ def bench_eval(ours, theirs, classifier, n_classes, args, meta):
     for _ in range(args.rounds):
         for impl in ("ours", "open_clip"):
             if impl == "ours":
-                res, seconds = timed(lambda: zeroshot_evaluate(ours.encode_image, dataset, classifier, ours_pre,
-                                                               args.image_batch, progress=False))  # fmt: skip
+                res, seconds = timed(
+                    lambda: zeroshot_evaluate(
+                        ours.encode_image, dataset, classifier, ours_pre, args.image_batch, progress=False
+                    )
+                )
                 top1[impl] = res.topk[1]
             else:
                 (t1, _), seconds = timed(lambda: open_clip_loop(theirs, classifier, loader))
@@ -136,20 +167,37 @@ def bench_eval(ours, theirs, classifier, n_classes, args, meta):
             best[impl] = min(best[impl], seconds)
     line = {"bench": "zeroshot_eval", "model": args.model, "images": args.images, "classes": n_classes}
     for impl, seconds in best.items():
-        print(json.dumps({**line, "impl": impl, "seconds": round(seconds, 3), "top1": round(top1[impl], 4),
-                          "images_per_s": round(args.images / seconds, 1), **meta}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    **line,
+                    "impl": impl,
+                    "seconds": round(seconds, 3),
+                    "top1": round(top1[impl], 4),
+                    "images_per_s": round(args.images / seconds, 1),
+                    **meta,
+                }
+            ),
+            flush=True,
+        )
     print(json.dumps({**line, "ratio": round(best["open_clip"] / best["ours"], 3)}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ViT-Tiny/8@32px", help="a ViT config name from clip.config.registry()")
-    ap.add_argument("--classes", type=int, default=1000, help="first N ImageNet class names (default all 1000)")
+    ap.add_argument(
+        "--model", default="ViT-Tiny/8@32px", help="a ViT config name from clip.config.registry()"
+    )
+    ap.add_argument(
+        "--classes", type=int, default=1000, help="first N ImageNet class names (default all 1000)"
+    )
     ap.add_argument("--templates", type=int, default=80, help="first N of OpenAI's 80 templates")
     ap.add_argument("--images", type=int, default=512, help="images in the evaluation benchmark")
     ap.add_argument("--text-batch", type=int, default=1024, help="our classifier's texts per batch")
     ap.add_argument("--image-batch", type=int, default=64, help="images per batch, both implementations")
-    ap.add_argument("--rounds", type=int, default=1, help="alternate ours / open_clip this many times, keep best")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="alternate ours / open_clip this many times, keep best"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-eval", action="store_true", help="only the classifier benchmark")
     args = ap.parse_args()
@@ -165,7 +213,9 @@ def main() -> None:
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine()}
     names = classnames("imagenet")[: args.classes]
     with torch.no_grad():
-        classifier = bench_classifier(ours, theirs, names, templates("imagenet")[: args.templates], args, meta)
+        classifier = bench_classifier(
+            ours, theirs, names, templates("imagenet")[: args.templates], args, meta
+        )
     if not args.skip_eval:
         bench_eval(ours, theirs, classifier, len(names), args, meta)
 
