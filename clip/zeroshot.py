@@ -73,9 +73,8 @@ def zero_shot_classifier(
     device = torch.device(device) if device is not None else _model_device(model)
     tokenizer = tokenizer or _default_tokenizer(int(getattr(model, "context_length", 77)))
 
-    texts = [
-        p for c in classnames for p in format_prompts(c, templates)
-    ]  # class-major: text i is class i // T
+    # Class-major order: text i belongs to class i // T.
+    texts = [p for c in classnames for p in format_prompts(c, templates)]
     tokens = tokenizer(texts)  # [C*T, context_length]
     owner = torch.arange(len(classnames)).repeat_interleave(len(templates))  # [C*T] class of each text
     # Longest first: similar lengths share a batch (less padding) and the first batch shows the memory peak.
