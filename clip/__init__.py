@@ -23,6 +23,7 @@ _EXPORTS = {
     "CLIPConfig": "clip.config",
     "get_config": "clip.config",
     "image_transform": "clip.preprocess",
+    "zero_shot_classifier": "clip.zeroshot",
 }
 
 __all__ = sorted(_EXPORTS)

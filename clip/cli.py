@@ -17,6 +17,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.download",
     "clip.commands.convert",
     "clip.commands.train",
+    "clip.commands.classify",
+    "clip.commands.eval",
     "clip.commands.demo",
     "clip.commands.data",
 )
