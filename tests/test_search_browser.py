@@ -32,8 +32,10 @@ CHROMIUM_ARGS = [
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 uvicorn = pytest.importorskip("uvicorn")
+# CI sets CLIP_REQUIRE_BROWSER=1 so that a missing browser fails instead of skipping.
 pytestmark = pytest.mark.skipif(
-    not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    not shutil.which(CHROMIUM) and not os.environ.get("CLIP_REQUIRE_BROWSER"),
+    reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)",
 )
 
 COLOURS = [(220, 60, 50), (40, 120, 220), (250, 190, 40), (60, 170, 90), (150, 80, 200), (240, 130, 180)]

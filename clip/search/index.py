@@ -39,6 +39,15 @@ from clip.search.topk import rank, search_exact
 # Above this many vectors an exact scan costs more than ~25 ms per query on a 2-core CPU (see docs/search.md),
 # so `clip index` builds an approximate index and searches use it.
 ANN_THRESHOLD = 100_000
+# Everyday photo subjects for tuning the approximate index on text queries.
+TUNING_SUBJECTS = (
+    "a dog", "a cat", "a car", "a beach", "mountains", "a city street at night", "a birthday party",
+    "a person smiling", "food on a plate", "a flower", "a bird", "snow", "a boat", "a bicycle", "a building",
+    "a forest", "a sunset", "a baby", "a group of people", "a document", "a screenshot", "a horse", "a bridge",
+    "a river", "a kitchen", "a bedroom", "a concert", "a painting", "a map", "a cake", "a cup of coffee",
+    "a computer", "a phone", "children playing", "a wedding", "an airplane", "a train", "a tree", "a bus",
+    "a football match",
+)  # fmt: skip
 COMPACT_EVERY = 256  # commits between shard merges during a run
 ANN_STALE_FRACTION = 0.1  # rebuild once this share of vectors was added or deleted since the last build
 
@@ -390,7 +399,10 @@ class Index:
         snap = loaded.snap
         if len(snap.paths) == 0:
             raise ValueError(f"index {str(self.root)!r} is empty: nothing to build an approximate index over")
-        index, stats = ann_mod.build(snap.vectors, snap.vec_ids, nlist=nlist, target_recall=target_recall)
+        queries = self._tuning_queries(snap)
+        index, stats = ann_mod.build(
+            snap.vectors, snap.vec_ids, nlist=nlist, target_recall=target_recall, queries=queries
+        )
         name = f"ann-{os.urandom(6).hex()}.faiss"
         with self._store.writing():
             index.save(self.root / name)
@@ -408,6 +420,18 @@ class Index:
         with self._lock:
             self._loaded = None
         return info
+
+    def _tuning_queries(self, snap: Snapshot) -> np.ndarray:
+        """Queries to tune nprobe on: text prompts through the index's model (text queries land farther from
+        the images than any image does, so they need more probes) plus perturbed stored vectors."""
+        image_like = ann_mod.probe_queries(snap.vectors, 100)
+        try:
+            encoder = self.encoder
+        except (ValueError, OSError):
+            return image_like  # a model held in memory elsewhere: tune on image-like queries only
+        with self._lock:
+            text = encoder.encode_texts([f"a photo of {s}" for s in TUNING_SUBJECTS]).numpy()
+        return np.concatenate([text, image_like])
 
     # ------------------------------------------------------------------------------------------ reading
 
