@@ -55,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     idx = Index.open(args.index, model=args.model, device=args.device, create=False)
-    _ = idx.encoder  # load the model now, so the first query is not slow and a bad model fails here
+    # Load the model, tokenizer and vectors now: a bad model fails here, and the first query is not slow.
+    if len(idx):
+        idx.search_text("warm up", k=1)
+    else:
+        _ = idx.encoder
     print(f"serving {len(idx)} images from {args.index} at http://{args.host}:{args.port}/", flush=True)
     serve(idx, args.host, args.port, ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024)))
     return 0
