@@ -32,6 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine (OpenMP threads spin-wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _png(color: tuple[int, int, int], size: int = 20) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")

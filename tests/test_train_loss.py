@@ -15,6 +15,15 @@ import torch.nn.functional as F
 from clip.train.loss import clip_loss, siglip_loss
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine (OpenMP threads spin-wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _features(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     img = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)

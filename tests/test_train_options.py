@@ -25,6 +25,15 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine (OpenMP threads spin-wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_cosine_schedule_with_warmup():
     s = CosineSchedule(lr=1.0, warmup=4, total_steps=14, min_lr=0.1)
     assert [s.lr_at(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -211,3 +220,9 @@ def test_fine_tune_from_pretrained_and_mixed_sources(folder, tmp_path):
     with pytest.raises(ValueError, match="differs"):
         train(_cfg(folder, tmp_path / "c", model={"name": "ViT-Tiny/8@32px", "config_path": None},
                    run={"resume": str(first.checkpoint)}))  # fmt: skip
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(folder, tmp_path):
+    train(_cfg(folder, tmp_path))
+    with pytest.raises(ValueError, match="--resume latest"):
+        train(_cfg(folder, tmp_path))

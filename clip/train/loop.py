@@ -138,6 +138,11 @@ def _train(
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and for any world size
     out = Path(cfg.run.output_dir)
     saved = ckpt_io.load_checkpoint(ckpt_io.resolve_resume(cfg.run.resume, out)) if cfg.run.resume else None
+    if saved is None and ckpt_io.step_files(out):
+        raise ValueError(
+            f"{out} already holds checkpoints of another run; continue it with --resume latest, "
+            "or give a new --output-dir"
+        )
     model = _prepare_model(cfg, model, saved)
     run = _setup(cfg, info, model, saved, dataset, order)
     run.on_step = on_step
