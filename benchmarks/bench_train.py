@@ -117,16 +117,21 @@ def open_clip_step(model, config, batch: int, device: torch.device, precision: s
     return step
 
 
-def build(args, device: torch.device):
+def build(args, device: torch.device, which: tuple[str, ...] = ("ours", "open_clip")):
+    """(config, our model, open_clip model) with equal weights; only the models in `which` are built."""
     from clip.config import get_config
     from clip.loading import build_model
+    from clip.model import CLIP
 
     config = get_config(args.model)
     torch.manual_seed(0)
-    ref = open_clip_model(args.model, config)
-    ours = build_model(config, ref.state_dict())
+    ref = open_clip_model(args.model, config) if "open_clip" in which else None
+    if "ours" not in which:
+        ours = None
+    else:
+        ours = build_model(config, ref.state_dict()) if ref is not None else CLIP(config)
     for m in (ref, ours):
-        if args.grad_checkpointing:
+        if m is not None and args.grad_checkpointing:
             m.set_grad_checkpointing(True)
     return config, ours, ref
 
@@ -179,9 +184,8 @@ def device_name(device: torch.device) -> str:
 
 def memory_child(args, device: torch.device) -> None:
     """One implementation's step in this fresh process; report its peak memory."""
-    config, ours, ref = build(args, device)
+    config, ours, ref = build(args, device, which=(args.impl,))  # only the measured model is built
     model = ours if args.impl == "ours" else ref
-    del ours, ref  # only the measured model stays alive
     make = ours_step if args.impl == "ours" else open_clip_step
     step = make(model, config, args.batch_size, device, args.precision)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
@@ -219,7 +223,7 @@ def profile(args, device: torch.device) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as run_profile
 
-    config, ours, _ = build(args, device)
+    config, ours, _ = build(args, device, which=("ours",))
     step = ours_step(ours, config, args.batch_size, device, args.precision)
     for _ in range(args.warmup):
         step()

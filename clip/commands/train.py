@@ -82,6 +82,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()}
     for flag, group, name, kwargs in FLAGS:
+        if kwargs.get("action") not in ("store_true", "store_false") and "choices" not in kwargs:
+            kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
         groups[group].add_argument(flag, dest=f"{group}__{name}", **kwargs)
     parser.set_defaults(func=run)
 
