@@ -222,7 +222,11 @@ def test_fine_tune_from_pretrained_and_mixed_sources(folder, tmp_path):
                    run={"resume": str(first.checkpoint)}))  # fmt: skip
 
 
-def test_fresh_run_refuses_an_output_dir_with_checkpoints(folder, tmp_path):
-    train(_cfg(folder, tmp_path))
-    with pytest.raises(ValueError, match="--resume latest"):
-        train(_cfg(folder, tmp_path))
+def test_fresh_run_over_an_earlier_run_keeps_its_own_checkpoints(tmp_path):
+    for step in (10, 20):  # an earlier, longer run in the same folder
+        save_checkpoint({"step": step}, tmp_path, step, keep=5)
+    for step in (2, 4, 6):
+        save_checkpoint({"step": step}, tmp_path, step, keep=2)
+    assert [p.name for p in step_files(tmp_path)] == ["step_000004.pt", "step_000006.pt", "step_000010.pt",
+                                                     "step_000020.pt"]  # fmt: skip
+    assert torch.load(resolve_resume("latest", tmp_path), weights_only=True)["step"] == 6

@@ -56,13 +56,17 @@ def _point_latest(target: Path) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], output_dir: str | os.PathLike, step: int, keep: int) -> Path:
-    """Write `step_NNNNNN.pt` atomically, point `latest.pt` at it, keep the newest `keep` step files."""
+    """Write `step_NNNNNN.pt` atomically, point `latest.pt` at it, keep the newest `keep` step files.
+
+    Only files up to `step` are pruned: later-numbered ones belong to an earlier run in the same folder (this
+    run replaces them when it gets there), and pruning them would delete this run's own newest files.
+    """
     path = step_path(output_dir, step)
     atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
     _point_latest(path)
-    for old in step_files(output_dir)[:-keep]:
-        if old != path:
-            old.unlink(missing_ok=True)
+    mine = [p for p in step_files(output_dir) if int(STEP_FILE.match(p.name).group(1)) <= step]
+    for old in mine[:-keep]:
+        old.unlink(missing_ok=True)
     return path
 
 

@@ -138,10 +138,11 @@ def _train(
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and for any world size
     out = Path(cfg.run.output_dir)
     saved = ckpt_io.load_checkpoint(ckpt_io.resolve_resume(cfg.run.resume, out)) if cfg.run.resume else None
-    if saved is None and ckpt_io.step_files(out):
-        raise ValueError(
-            f"{out} already holds checkpoints of another run; continue it with --resume latest, "
-            "or give a new --output-dir"
+    if saved is None and info.is_main and ckpt_io.step_files(out):
+        warnings.warn(
+            f"{out} holds checkpoints of an earlier run: this fresh run replaces them as it passes their steps "
+            "(continue the earlier run with --resume latest instead)",
+            stacklevel=2,
         )
     model = _prepare_model(cfg, model, saved)
     run = _setup(cfg, info, model, saved, dataset, order)
