@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--minutes", type=float, default=10.0, help="wall-clock budget for the whole run (default 10)"
     )
     p.add_argument("--steps", type=int, help="train exactly this many steps instead of filling the budget")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workers", type=int, default=0, help="DataLoader processes (0: load in the main process)"
