@@ -17,7 +17,7 @@ def examples_grid(
 ) -> None:
     """PNG grid: `per_cell` random images from each zero-shot cell, titled with their top-3 captions.
 
-    A correct first guess is green, a correct guess at rank 2-3 orange, a miss red.
+    Each title is the true caption, then the top 3; green: right first, orange: right at rank 2-3, red: missed.
     """
     import matplotlib
 
@@ -44,18 +44,8 @@ def examples_grid(
             ax.imshow(data.images[cell.indices[i]], interpolation="nearest")
             names = [cell.captions[j].removeprefix("an emoji of ") for j in top]
             truth = cell.captions[int(labels[i])].removeprefix("an emoji of ")
-            ax.set_title(
-                "\n".join(f"{n + 1}. {_short(t)}" for n, t in enumerate(names)), fontsize=8, color=colour
-            )
-            ax.text(
-                0.5,
-                -0.06,
-                f"true: {_short(truth)}",
-                transform=ax.transAxes,
-                ha="center",
-                va="top",
-                fontsize=8,
-            )
+            lines = [f"true: {_short(truth)}", *(f"{n + 1}. {_short(t)}" for n, t in enumerate(names))]
+            ax.set_title("\n".join(lines), fontsize=8, color=colour)
         axes[row][0].text(
             -0.15, 0.5, CELL_TITLES[kind], transform=axes[row][0].transAxes, rotation=90, ha="right", va="center",
             fontsize=9,
