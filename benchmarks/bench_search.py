@@ -102,22 +102,18 @@ def bench_index(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         paths = write_photos(tmp / "photos", args.images)
         print(f"wrote {len(paths)} photos in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        common = {
-            "bench": "index_throughput",
-            "model": args.model,
-            "images": len(paths),
-            "machine": machine(),
-        }
+        # machine() is read after each run: its load average covers that run.
+        common = {"bench": "index_throughput", "model": args.model, "images": len(paths)}
 
         seconds = plain_loop(ckpt, paths)
-        emit({**common, "method": "plain loop: clip.load + preprocess + encode_image, batch 1",
+        emit({**common, "machine": machine(), "method": "plain loop: clip.load + preprocess + encode_image, batch 1",
               "seconds": round(seconds, 2), "images_per_second": round(len(paths) / seconds, 2)})  # fmt: skip
         baseline = len(paths) / seconds
 
         idx = Index.open(tmp / "idx", model=ckpt)
         report = idx.sync(tmp / "photos", batch_size=args.batch_size, num_workers=args.workers)
         assert report.added == len(paths), report
-        emit({**common, "method": f"clip index (Index.sync): batch {args.batch_size}, "
+        emit({**common, "machine": machine(), "method": f"clip index (Index.sync): batch {args.batch_size}, "
               f"{args.workers if args.workers is not None else 'default'} decoding workers, hashing + storage included",
               "seconds": round(report.seconds, 2), "images_per_second": round(report.images_per_second, 2),
               "speedup": round(report.images_per_second / baseline, 2)})  # fmt: skip
@@ -210,8 +206,8 @@ def bench_query_size(n: int, args: argparse.Namespace) -> None:
         ann, info = ann_mod.build(vectors, ids, target_recall=0.95, nlist=args.nlist, queries=tuning)
         row_of = ann_mod.row_lookup(ids)
         fns["faiss"] = lambda q: ann_mod.ann_topk(ann, mat, row_of, q, k)
-    common["machine"] = machine()
     runs = timed(fns, queries)
+    common["machine"] = machine()  # the load average over the timed runs
     exact, ms = runs["exact"]
     assert [r[0].tolist() for r in batch] == [r[0].tolist() for r in exact]
     emit({**common, "method": "exact (float16 scan, float64 rescoring)", **stats(ms),
