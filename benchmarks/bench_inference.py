@@ -52,18 +52,31 @@ def main() -> None:
         tasks.append(("encode_image", batch, lambda m, x=image: m.encode_image(x)))
     for batch in (1, 64):
         tasks.append(("encode_text", batch, lambda m, x=text_rows[:batch]: m.encode_text(x)))
-    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine()}
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
+    }
     for task, batch, fn in tasks:
         best = {"ours": 0.0, "open_clip": 0.0}
         with torch.inference_mode():
             for _ in range(args.rounds):  # alternate so drifting machine load hits both alike
                 for impl, model in (("ours", ours), ("open_clip", ref)):
-                    best[impl] = max(best[impl], throughput(lambda m=model: fn(m), batch, args.seconds))
+                    best[impl] = max(best[impl], throughput(lambda m=model, f=fn: f(m), batch, args.seconds))
         for impl, value in best.items():
             line = {"bench": "inference", "model": args.model, "impl": impl, "task": task, "batch": batch}
             print(json.dumps({**line, "items_per_s": round(value, 2), **meta}), flush=True)
         ratio = best["ours"] / best["open_clip"]
-        print(json.dumps({"bench": "inference", "task": task, "batch": batch, "ratio_ours_over_open_clip": round(ratio, 3)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "inference",
+                    "task": task,
+                    "batch": batch,
+                    "ratio_ours_over_open_clip": round(ratio, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":
