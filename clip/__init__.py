@@ -24,6 +24,7 @@ _EXPORTS = {
     "get_config": "clip.config",
     "image_transform": "clip.preprocess",
     "zero_shot_classifier": "clip.zeroshot",
+    "Index": "clip.search.index",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,6 +19,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.train",
     "clip.commands.classify",
     "clip.commands.eval",
+    "clip.commands.index",
+    "clip.commands.search",
+    "clip.commands.serve",
     "clip.commands.demo",
     "clip.commands.data",
 )
