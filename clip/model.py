@@ -320,7 +320,8 @@ class CLIP(nn.Module):
         finding the cut needs a host sync.
         """
         eot = text.argmax(dim=-1)  # [N]
-        if text.device.type == "cpu":
+        # Not while tracing or compiling: a traced cut would be frozen to the example's length.
+        if text.device.type == "cpu" and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             text = text[:, : int(eot.max()) + 1]
         length = text.shape[1]
         x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[:length].to(

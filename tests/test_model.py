@@ -202,3 +202,17 @@ def test_cli_convert_round_trip(tmp_path, tiny_checkpoint, tiny_model, capsys):
         assert torch.equal(v, sd[k])
     assert cli_main(["convert", str(tmp_path / "nope.pt"), str(tmp_path / "x.pt"), "--to", "openai"]) == 2
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_traced_text_tower_is_not_frozen_to_the_example_length(tiny_model):
+    """The CPU end-of-text cut is skipped while tracing, so a trace works for any text length."""
+    short = torch.zeros(2, 32, dtype=torch.long)
+    short[:, 0], short[:, 1], short[:, 2] = 49406, 320, 49407
+    long = torch.randint(1, 49000, (2, 32))
+    long[:, 25] = 49407
+    long[:, 26:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(tiny_model, {"encode_text": (short,)}).encode_text
+    with torch.no_grad():
+        torch.testing.assert_close(traced(long), tiny_model.encode_text(long))
