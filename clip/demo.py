@@ -56,6 +56,7 @@ class DemoConfig:
     warmup_fraction: float = 0.05
     crop_scale: tuple[float, float] = (0.7, 1.0)
     jitter: float = 0.3
+    gray_blur: float = 0.0
     openmoji: bool = True
     max_concepts: int | None = None
     seed: int = 0
@@ -109,7 +110,13 @@ def _train_data(cfg: DemoConfig) -> tuple[EmojiData, EmojiPairs]:
         rng = np.random.default_rng(cfg.seed)
         data = subset_concepts(data, np.sort(rng.choice(data.num_concepts, cfg.max_concepts, replace=False)))
     pairs = EmojiPairs(
-        data, data.train_indices(), cfg.model.text.context_length, cfg.seed, cfg.crop_scale, cfg.jitter
+        data,
+        data.train_indices(),
+        cfg.model.text.context_length,
+        cfg.seed,
+        cfg.crop_scale,
+        cfg.jitter,
+        cfg.gray_blur,
     )
     return data, pairs
 

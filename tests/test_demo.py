@@ -82,3 +82,16 @@ def test_demo_rejects_a_bad_budget(minutes, capsys):
 
     assert main(["demo", "--minutes", minutes]) == 2
     assert "--minutes" in capsys.readouterr().err
+
+
+def test_gray_blur_augmentation_removes_colour_and_smooths():
+    data = load_emoji()
+    rows = data.train_indices()[:20]
+    plain = EmojiPairs(data, rows, context_length=32, seed=1, crop_scale=(1.0, 1.0), jitter=0.0)
+    gray = EmojiPairs(data, rows, context_length=32, seed=1, crop_scale=(1.0, 1.0), jitter=0.0, gray_blur=1.0)
+    a, _ = plain.get(3, 0)
+    b, _ = gray.get(3, 0)
+    assert torch.equal(b[0], b[1]) and torch.equal(b[1], b[2])
+    # a 3x3 box blur lowers the mean absolute difference between neighbouring pixels
+    tv = lambda x: (x[:, 1:] - x[:, :-1]).abs().mean()  # noqa: E731
+    assert tv(b) < tv(a.mean(dim=0, keepdim=True))

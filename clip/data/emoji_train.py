@@ -24,7 +24,8 @@ class EmojiPairs:
 
     `get(i, epoch)` -> (image float [3, S, S] normalised with CLIP's mean/std, token ids int32 [L]).
     Augmentation: a random resized crop (scale `crop_scale`) and a brightness/contrast/saturation
-    jitter of up to `jitter` (0 = none), to help the held-out, differently shaded art style.
+    jitter of up to `jitter` (0 = none), and with probability `gray_blur` a grey-scale copy and a 3x3 blur,
+    to help the held-out, differently shaded art style.
     No flips: names say "facing right" and images hold text and arrows.
     """
 
@@ -36,6 +37,7 @@ class EmojiPairs:
         seed: int = 0,
         crop_scale: tuple[float, float] = (0.7, 1.0),
         jitter: float = 0.3,
+        gray_blur: float = 0.0,
     ) -> None:
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -43,6 +45,7 @@ class EmojiPairs:
         self.seed = seed
         self.crop = RandomResizedCrop(data.size, scale=crop_scale)
         self.jitter = jitter
+        self.gray_blur = gray_blur
         self.concepts = [data.concept(int(c)) for c in range(data.num_concepts)]
 
     def __len__(self) -> int:
@@ -59,9 +62,22 @@ class EmojiPairs:
         image = self.crop(Image.fromarray(self.data.images[row]), rng)  # [3, S, S], normalised
         if self.jitter > 0:
             image = self._jitter(image, rng)
+        if self.gray_blur > 0:
+            image = self._gray_blur(image, rng)
         caption = sample_caption(self.concepts[int(self.data.image_concept[row])], rng)
         tokens = tokenize([caption], context_length=self.context_length, truncate=True)[0]
         return image, tokens
+
+    def _gray_blur(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """With probability `gray_blur` each: drop colour, and blur with a 3x3 box (shape over outlines)."""
+        u = rng.random(2)
+        if u[0] < self.gray_blur:
+            image = image.mean(dim=0, keepdim=True).expand_as(image).contiguous()
+        if u[1] < self.gray_blur:
+            image = torch.nn.functional.avg_pool2d(
+                image[None], 3, stride=1, padding=1, count_include_pad=False
+            )[0]
+        return image
 
     def _jitter(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Brightness, contrast and saturation jitter applied in normalised space (cheap, 3 scalars)."""
