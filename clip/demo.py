@@ -56,7 +56,7 @@ class DemoConfig:
     warmup_fraction: float = 0.05
     crop_scale: tuple[float, float] = (0.7, 1.0)
     jitter: float = 0.3
-    gray_blur: float = 0.0
+    gray_blur: float = 0.3  # grey-scale + blur: doubled held-out-style top-1 (docs/demo-experiments.md)
     openmoji: bool = True
     max_concepts: int | None = None
     seed: int = 0
