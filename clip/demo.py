@@ -11,7 +11,6 @@ Outputs in OUT: report.md, results.json, curves.png, examples.png, checkpoints/l
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -265,7 +264,3 @@ def print_summary(results: dict[str, Any]) -> None:
         f"\n{results['steps']} steps, {results['samples_seen']:,} samples, "
         f"{results['wall_seconds']:.0f} s wall. Report: {Path(results['checkpoint'] or '.').parents[1] / 'report.md'}"
     )
-
-
-def config_from_json(path: str) -> CLIPConfig:
-    return CLIPConfig.from_dict(json.loads(Path(path).read_text()))

@@ -14,6 +14,15 @@ logging.getLogger().setLevel(logging.ERROR)
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine (OpenMP threads spin-wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_model():
     from clip.config import get_config
     from clip.model import CLIP

@@ -24,21 +24,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers", type=int, default=0, help="DataLoader processes (0: load in the main process)"
     )
-    p.add_argument("--model-config", help="JSON of a CLIPConfig (CLIPConfig.to_dict()) to train instead")
+    p.add_argument(
+        "--model-config",
+        help="JSON model config to train instead (a CLIPConfig or openai/CLIP constructor arguments)",
+    )
     p.add_argument("--max-concepts", type=int, help="train and evaluate on a random slice of concepts")
     p.add_argument("--no-openmoji", action="store_true", help="train on Noto and Twemoji only")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from clip.demo import DEMO_MODEL, DemoConfig, config_from_json, print_summary, run_demo
+    from clip.demo import DEMO_MODEL, DemoConfig, print_summary, run_demo
+    from clip.train.build import load_model_config
 
     if args.minutes <= 0:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
     cfg = DemoConfig(
         output_dir=args.output_dir, minutes=args.minutes, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, workers=args.workers, openmoji=not args.no_openmoji,
-        model=config_from_json(args.model_config) if args.model_config else DEMO_MODEL,
+        model=load_model_config(args.model_config) if args.model_config else DEMO_MODEL,
         max_concepts=args.max_concepts,
     )  # fmt: skip
     print_summary(run_demo(cfg))

@@ -7,6 +7,7 @@ import json
 import sys
 
 from clip.cli import CLIError
+from clip.commands.search_args import add_index_model_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,13 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--exact", action="store_true", help="exact search even where an approximate index exists"
     )
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        metavar="M",
-        help="where the index's model is now, if its recorded path moved (it must be the same model)",
-    )
+    add_index_model_args(parser)
     parser.set_defaults(func=run)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from clip.cli import CLIError
+from clip.commands.search_args import add_index_model_args
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -25,13 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image accepted (MB)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        metavar="M",
-        help="where the index's model is now, if its recorded path moved (it must be the same model)",
-    )
+    add_index_model_args(parser)
     parser.set_defaults(func=run)
 
 
