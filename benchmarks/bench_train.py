@@ -51,13 +51,18 @@ def open_clip_model(name: str, config):
     return open_clip.CLIP(config.embed_dim, vision, text, quick_gelu=config.quick_gelu)
 
 
-def inputs(config, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(
+    config, batch: int, device: torch.device, full_text: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images [batch, 3, S, S] and token ids [batch, ctx]: start of text, random ids, end of text at
+    ctx // 3 (a typical caption length; `full_text`: at the last position), then padding."""
     g = torch.Generator().manual_seed(0)
     n, ctx = config.vision.image_size, config.text.context_length
     images = torch.randn(batch, 3, n, n, generator=g)
     texts = torch.randint(1, 49405, (batch, ctx), generator=g)
-    texts[:, 0], texts[:, ctx // 3] = 49406, 49407  # start, end of text (pooled there), padding after
-    texts[:, ctx // 3 + 1 :] = 0
+    eot = ctx - 1 if full_text else ctx // 3
+    texts[:, 0], texts[:, eot] = 49406, 49407  # start, end of text (pooled there), padding after
+    texts[:, eot + 1 :] = 0
     return images.to(device), texts.to(device)
 
 
@@ -68,7 +73,7 @@ def autocast(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def ours_step(model, config, batch: int, device: torch.device, precision: str):
+def ours_step(model, config, batch: int, device: torch.device, precision: str, args):
     from clip.train.data import Batch
     from clip.train.distributed import DistInfo
     from clip.train.optim import adam_hparams, clamp_logit_scale, param_groups
@@ -77,8 +82,12 @@ def ours_step(model, config, batch: int, device: torch.device, precision: str):
     inner = ContrastiveModel(model).to(device).train()
     opt = torch.optim.AdamW(param_groups(inner, 0.2), lr=1e-5, **adam_hparams(config.vision.kind, None, None, None),
                             fused=device.type == "cuda")  # fmt: skip
-    ctx = StepContext(inner, inner, DistInfo(device=device), batch, autocast(precision, device))
-    images, texts = inputs(config, batch, device)
+    wrapped = torch.compile(inner) if args.compile else inner
+    ctx = StepContext(wrapped, inner, DistInfo(device=device), batch, autocast(precision, device))
+    images, _ = inputs(config, batch, device, args.full_text)
+    _, texts = inputs(
+        config, batch, torch.device("cpu"), args.full_text
+    )  # as the data loader hands them over
     b = Batch(images, texts, [], {}, 0, 0)
 
     def step() -> None:
@@ -90,10 +99,11 @@ def ours_step(model, config, batch: int, device: torch.device, precision: str):
     return step
 
 
-def open_clip_step(model, config, batch: int, device: torch.device, precision: str):
+def open_clip_step(model, config, batch: int, device: torch.device, precision: str, args):
     from open_clip.loss import ClipLoss
 
     model = model.to(device).train()
+    run = torch.compile(model) if args.compile else model  # as open_clip's --torchcompile
     loss_fn = ClipLoss()
     # open_clip's training/main.py grouping: no decay for ndim < 2, norms, biases, logit_scale
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
@@ -101,13 +111,13 @@ def open_clip_step(model, config, batch: int, device: torch.device, precision: s
     groups = [{"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0},
               {"params": [p for n, p in params if not exclude(n, p)], "weight_decay": 0.2}]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
-    images, texts = inputs(config, batch, device)
+    images, texts = inputs(config, batch, device, args.full_text)
     cast = autocast(precision, device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with cast():
-            img, txt, scale = model(images, texts)[:3]
+            img, txt, scale = run(images, texts)[:3]
             loss = loss_fn(img, txt, scale)
         loss.backward()
         opt.step()
@@ -158,8 +168,8 @@ def timed(step, device: torch.device, batch: int, min_seconds: float, warmup: in
 def throughput(args, device: torch.device) -> None:
     config, ours, ref = build(args, device)
     steps = {
-        "ours": ours_step(ours, config, args.batch_size, device, args.precision),
-        "open_clip": open_clip_step(ref, config, args.batch_size, device, args.precision),
+        "ours": ours_step(ours, config, args.batch_size, device, args.precision, args),
+        "open_clip": open_clip_step(ref, config, args.batch_size, device, args.precision, args),
     }
     best = {k: 0.0 for k in steps}
     for _ in range(args.rounds):
@@ -167,6 +177,7 @@ def throughput(args, device: torch.device) -> None:
             best[impl] = max(best[impl], timed(step, device, args.batch_size, args.seconds, args.warmup))
     meta = {"model": args.model, "batch": args.batch_size, "precision": args.precision, "device": device_name(device),
             "threads": torch.get_num_threads(), "grad_checkpointing": args.grad_checkpointing,
+            "compile": args.compile, "text_eot": "last" if args.full_text else "ctx // 3",
             "torch": torch.__version__}  # fmt: skip
     for impl, value in best.items():
         print(json.dumps({"impl": impl, "samples_per_s": round(value, 2), **meta}), flush=True)
@@ -187,7 +198,7 @@ def memory_child(args, device: torch.device) -> None:
     config, ours, ref = build(args, device, which=(args.impl,))  # only the measured model is built
     model = ours if args.impl == "ours" else ref
     make = ours_step if args.impl == "ours" else open_clip_step
-    step = make(model, config, args.batch_size, device, args.precision)
+    step = make(model, config, args.batch_size, device, args.precision, args)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -224,7 +235,7 @@ def profile(args, device: torch.device) -> None:
     from torch.profiler import profile as run_profile
 
     config, ours, _ = build(args, device, which=("ours",))
-    step = ours_step(ours, config, args.batch_size, device, args.precision)
+    step = ours_step(ours, config, args.batch_size, device, args.precision, args)
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -248,6 +259,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile both models (open_clip: as --torchcompile)"
+    )
+    ap.add_argument(
+        "--full-text", action="store_true", help="end of text at the last position (no short captions)"
+    )
     ap.add_argument(
         "--memory", action="store_true", help="peak memory of one step, each case in a fresh process"
     )

@@ -56,6 +56,8 @@ class DemoConfig:
     crop_scale: tuple[float, float] = (0.7, 1.0)
     jitter: float = 0.3
     gray_blur: float = 0.3  # grey-scale + blur: doubled held-out-style top-1 (docs/demo-experiments.md)
+    shade: float = 0.0
+    shrink: float = 0.0
     openmoji: bool = True
     max_concepts: int | None = None
     seed: int = 0
@@ -116,6 +118,8 @@ def _train_data(cfg: DemoConfig) -> tuple[EmojiData, EmojiPairs]:
         cfg.crop_scale,
         cfg.jitter,
         cfg.gray_blur,
+        cfg.shade,
+        cfg.shrink,
     )
     return data, pairs
 

@@ -223,3 +223,23 @@ def test_accumulation_equals_one_big_batch_in_one_process():
     for name, g in big.items():
         # the temperature's gradient is taken once, not once per micro-batch
         torch.testing.assert_close(acc[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trim_text_cuts_after_last_end_of_text_exactly(tiny_model, monkeypatch):
+    """The host-side cut keeps each caption's feature (causal attention) and rounds to a multiple of 8."""
+    from clip.tokenizer import tokenize
+    from clip.train.step import trim_text
+
+    ctx = tiny_model.context_length
+    tokens = tokenize(["a dog", "a photo of a small red cat on a mat"], context_length=ctx)
+    last = int(tokens.argmax(dim=-1).max()) + 1
+    cut = trim_text(tokens)
+    assert cut.shape[1] % 8 == 0 and last <= cut.shape[1] < last + 8
+    assert torch.equal(cut, tokens[:, : cut.shape[1]])
+    assert trim_text(tokens, multiple=ctx + 5).shape[1] == ctx  # never longer than the context
+    # Run the full length (as on a GPU, where the model itself does not cut) and compare.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        full, trimmed = tiny_model.encode_text(tokens), tiny_model.encode_text(cut)
+    assert full.shape == trimmed.shape
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)

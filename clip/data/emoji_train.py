@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from clip.data.emoji import EmojiData, sample_caption
-from clip.preprocess import RandomResizedCrop, to_tensor_normalized
+from clip.preprocess import CLIP_MEAN, CLIP_STD, RandomResizedCrop, to_tensor_normalized
 from clip.tokenizer import tokenize
 
 
@@ -38,6 +38,8 @@ class EmojiPairs:
         crop_scale: tuple[float, float] = (0.7, 1.0),
         jitter: float = 0.3,
         gray_blur: float = 0.0,
+        shade: float = 0.0,
+        shrink: float = 0.0,
     ) -> None:
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -46,6 +48,8 @@ class EmojiPairs:
         self.crop = RandomResizedCrop(data.size, scale=crop_scale)
         self.jitter = jitter
         self.gray_blur = gray_blur
+        self.shade = shade
+        self.shrink = shrink
         self.concepts = [data.concept(int(c)) for c in range(data.num_concepts)]
 
     def __len__(self) -> int:
@@ -60,10 +64,14 @@ class EmojiPairs:
         rng = np.random.default_rng([self.seed, epoch, i])
         row = int(self.indices[i])
         image = self.crop(Image.fromarray(self.data.images[row]), rng)  # [3, S, S], normalised
+        if self.shrink > 0:
+            image = self._shrink(image, rng)
         if self.jitter > 0:
             image = self._jitter(image, rng)
         if self.gray_blur > 0:
             image = self._gray_blur(image, rng)
+        if self.shade > 0:
+            image = self._shade(image, rng)
         caption = sample_caption(self.concepts[int(self.data.image_concept[row])], rng)
         tokens = tokenize([caption], context_length=self.context_length, truncate=True)[0]
         return image, tokens
@@ -78,6 +86,36 @@ class EmojiPairs:
                 image[None], 3, stride=1, padding=1, count_include_pad=False
             )[0]
         return image
+
+    def _shrink(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Scale the drawing by a factor in [1 - `shrink`, 1] and paste it at a random place on white: art
+        styles differ in how much of the square the drawing fills."""
+        size = image.shape[-1]
+        factor, dx, dy = rng.random(3)
+        new = max(1, round(size * (1 - self.shrink * factor)))
+        if new == size:
+            return image
+        small = torch.nn.functional.interpolate(
+            image[None], size=(new, new), mode="bilinear", antialias=True
+        )[0]
+        white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        out = white[:, None, None].expand(3, size, size).clone()
+        x, y = int(dx * (size - new + 1)), int(dy * (size - new + 1))
+        out[:, y : y + new, x : x + new] = small
+        return out
+
+    def _shade(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Light the drawing from a random side: scale the non-white pixels by a linear ramp 1 +- `shade`
+        across the image (flat vector art made to look lit, like the held-out 3-D renders)."""
+        angle, strength = rng.random(2) * np.array([2 * np.pi, self.shade])
+        size = image.shape[-1]
+        axis = torch.linspace(-1.0, 1.0, size)
+        ramp = 1 + strength * (np.cos(angle) * axis[None, :] + np.sin(angle) * axis[:, None])  # [S, S]
+        mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+        pixels = image * std + mean
+        ink = (pixels < 0.95).any(dim=0)  # [S, S]: not the white background
+        pixels = torch.where(ink, (pixels * ramp).clamp(0, 1), pixels)
+        return (pixels - mean) / std
 
     def _jitter(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Brightness, contrast and saturation jitter applied in normalised space (cheap, 3 scalars)."""
