@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--minutes", type=float, default=10.0, help="wall-clock budget for the whole run (default 10)"
     )
     p.add_argument("--steps", type=int, help="train exactly this many steps instead of filling the budget")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, help="samples per step (default: the demo's, 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the demo's, 5e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workers", type=int, default=0, help="DataLoader processes (0: load in the main process)"
@@ -39,11 +39,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.minutes <= 0:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    tuned = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     cfg = DemoConfig(
-        output_dir=args.output_dir, minutes=args.minutes, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, workers=args.workers, openmoji=not args.no_openmoji,
+        output_dir=args.output_dir, minutes=args.minutes, steps=args.steps, seed=args.seed,
+        workers=args.workers, openmoji=not args.no_openmoji,
         model=load_model_config(args.model_config) if args.model_config else DEMO_MODEL,
-        max_concepts=args.max_concepts,
+        max_concepts=args.max_concepts, **tuned,
     )  # fmt: skip
     print_summary(run_demo(cfg))
     return 0

@@ -24,8 +24,8 @@ class EmojiPairs:
 
     `get(i, epoch)` -> (image float [3, S, S] normalised with CLIP's mean/std, token ids int32 [L]).
     Augmentation: a random resized crop (scale `crop_scale`) and a brightness/contrast/saturation
-    jitter of up to `jitter` (0 = none), and with probability `gray_blur` a grey-scale copy and a 3x3 blur,
-    to help the held-out, differently shaded art style.
+    jitter of up to `jitter` (0 = none), with probability `gray_blur` a grey-scale copy and a 3x3 blur, and a
+    lighting ramp of strength up to `shade` (0 = none): the last two help the held-out, differently shaded style.
     No flips: names say "facing right" and images hold text and arrows.
     """
 
@@ -39,7 +39,6 @@ class EmojiPairs:
         jitter: float = 0.3,
         gray_blur: float = 0.0,
         shade: float = 0.0,
-        shrink: float = 0.0,
     ) -> None:
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -49,7 +48,9 @@ class EmojiPairs:
         self.jitter = jitter
         self.gray_blur = gray_blur
         self.shade = shade
-        self.shrink = shrink
+        self._mean = torch.tensor(CLIP_MEAN)[:, None, None]
+        self._std = torch.tensor(CLIP_STD)[:, None, None]
+        self._axis = torch.linspace(-1.0, 1.0, data.size)
         self.concepts = [data.concept(int(c)) for c in range(data.num_concepts)]
 
     def __len__(self) -> int:
@@ -64,8 +65,6 @@ class EmojiPairs:
         rng = np.random.default_rng([self.seed, epoch, i])
         row = int(self.indices[i])
         image = self.crop(Image.fromarray(self.data.images[row]), rng)  # [3, S, S], normalised
-        if self.shrink > 0:
-            image = self._shrink(image, rng)
         if self.jitter > 0:
             image = self._jitter(image, rng)
         if self.gray_blur > 0:
@@ -87,31 +86,13 @@ class EmojiPairs:
             )[0]
         return image
 
-    def _shrink(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Scale the drawing by a factor in [1 - `shrink`, 1] and paste it at a random place on white: art
-        styles differ in how much of the square the drawing fills."""
-        size = image.shape[-1]
-        factor, dx, dy = rng.random(3)
-        new = max(1, round(size * (1 - self.shrink * factor)))
-        if new == size:
-            return image
-        small = torch.nn.functional.interpolate(
-            image[None], size=(new, new), mode="bilinear", antialias=True
-        )[0]
-        white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-        out = white[:, None, None].expand(3, size, size).clone()
-        x, y = int(dx * (size - new + 1)), int(dy * (size - new + 1))
-        out[:, y : y + new, x : x + new] = small
-        return out
-
     def _shade(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Light the drawing from a random side: scale the non-white pixels by a linear ramp 1 +- `shade`
         across the image (flat vector art made to look lit, like the held-out 3-D renders)."""
         angle, strength = rng.random(2) * np.array([2 * np.pi, self.shade])
-        size = image.shape[-1]
-        axis = torch.linspace(-1.0, 1.0, size)
+        axis = self._axis
         ramp = 1 + strength * (np.cos(angle) * axis[None, :] + np.sin(angle) * axis[:, None])  # [S, S]
-        mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+        mean, std = self._mean, self._std
         pixels = image * std + mean
         ink = (pixels < 0.95).any(dim=0)  # [S, S]: not the white background
         pixels = torch.where(ink, (pixels * ramp).clamp(0, 1), pixels)
