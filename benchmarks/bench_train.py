@@ -73,22 +73,21 @@ def autocast(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def ours_step(model, config, batch: int, device: torch.device, precision: str, args):
+def ours_step(model, config, device: torch.device, args):
     from clip.train.data import Batch
     from clip.train.distributed import DistInfo
     from clip.train.optim import adam_hparams, clamp_logit_scale, param_groups
     from clip.train.step import ContrastiveModel, StepContext, forward_backward
 
+    batch = args.batch_size
     inner = ContrastiveModel(model).to(device).train()
     opt = torch.optim.AdamW(param_groups(inner, 0.2), lr=1e-5, **adam_hparams(config.vision.kind, None, None, None),
                             fused=device.type == "cuda")  # fmt: skip
     wrapped = torch.compile(inner) if args.compile else inner
-    ctx = StepContext(wrapped, inner, DistInfo(device=device), batch, autocast(precision, device))
-    images, _ = inputs(config, batch, device, args.full_text)
-    _, texts = inputs(
-        config, batch, torch.device("cpu"), args.full_text
-    )  # as the data loader hands them over
-    b = Batch(images, texts, [], {}, 0, 0)
+    ctx = StepContext(wrapped, inner, DistInfo(device=device), batch, autocast(args.precision, device))
+    # Token ids stay on the host, as the data loader hands them over (the step cuts them before the copy).
+    images, texts = inputs(config, batch, torch.device("cpu"), args.full_text)
+    b = Batch(images.to(device), texts, [], {}, 0, 0)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -99,7 +98,7 @@ def ours_step(model, config, batch: int, device: torch.device, precision: str, a
     return step
 
 
-def open_clip_step(model, config, batch: int, device: torch.device, precision: str, args):
+def open_clip_step(model, config, device: torch.device, args):
     from open_clip.loss import ClipLoss
 
     model = model.to(device).train()
@@ -111,8 +110,8 @@ def open_clip_step(model, config, batch: int, device: torch.device, precision: s
     groups = [{"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0},
               {"params": [p for n, p in params if not exclude(n, p)], "weight_decay": 0.2}]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
-    images, texts = inputs(config, batch, device, args.full_text)
-    cast = autocast(precision, device)
+    images, texts = inputs(config, args.batch_size, device, args.full_text)
+    cast = autocast(args.precision, device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -168,8 +167,8 @@ def timed(step, device: torch.device, batch: int, min_seconds: float, warmup: in
 def throughput(args, device: torch.device) -> None:
     config, ours, ref = build(args, device)
     steps = {
-        "ours": ours_step(ours, config, args.batch_size, device, args.precision, args),
-        "open_clip": open_clip_step(ref, config, args.batch_size, device, args.precision, args),
+        "ours": ours_step(ours, config, device, args),
+        "open_clip": open_clip_step(ref, config, device, args),
     }
     best = {k: 0.0 for k in steps}
     for _ in range(args.rounds):
@@ -198,7 +197,7 @@ def memory_child(args, device: torch.device) -> None:
     config, ours, ref = build(args, device, which=(args.impl,))  # only the measured model is built
     model = ours if args.impl == "ours" else ref
     make = ours_step if args.impl == "ours" else open_clip_step
-    step = make(model, config, args.batch_size, device, args.precision, args)
+    step = make(model, config, device, args)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -235,7 +234,7 @@ def profile(args, device: torch.device) -> None:
     from torch.profiler import profile as run_profile
 
     config, ours, _ = build(args, device, which=("ours",))
-    step = ours_step(ours, config, args.batch_size, device, args.precision, args)
+    step = ours_step(ours, config, device, args)
     for _ in range(args.warmup):
         step()
     sync(device)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks and measurements behind the README's GPU figures, in one run (about 6 minutes on an H200):
+# The GPU checks and measurements behind the README's GPU figures, in one run (not yet run on a GPU; the parts'
+# time limits add up to 24 minutes, most parts should need a fraction of theirs):
 # correctness of the CUDA paths, `clip train` end to end on the GPU, training throughput vs open_clip
 # (ViT-B/32, 224 px, batch 512, bf16 autocast), peak GPU memory at batch 256, and a profile of our step.
 #

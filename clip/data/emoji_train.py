@@ -8,6 +8,7 @@ so a run does not depend on the number of DataLoader workers and resumes exactly
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -89,9 +90,9 @@ class EmojiPairs:
     def _shade(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Light the drawing from a random side: scale the non-white pixels by a linear ramp 1 +- `shade`
         across the image (flat vector art made to look lit, like the held-out 3-D renders)."""
-        angle, strength = rng.random(2) * np.array([2 * np.pi, self.shade])
+        angle, strength = (float(v) for v in rng.random(2) * np.array([2 * np.pi, self.shade]))
         axis = self._axis
-        ramp = 1 + strength * (np.cos(angle) * axis[None, :] + np.sin(angle) * axis[:, None])  # [S, S]
+        ramp = 1 + strength * (math.cos(angle) * axis[None, :] + math.sin(angle) * axis[:, None])  # [S, S]
         mean, std = self._mean, self._std
         pixels = image * std + mean
         ink = (pixels < 0.95).any(dim=0)  # [S, S]: not the white background
