@@ -25,6 +25,7 @@ _EXPORTS = {
     "image_transform": "clip.preprocess",
     "zero_shot_classifier": "clip.zeroshot",
     "Index": "clip.search.index",
+    "clip_score": "clip.score",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.serve",
     "clip.commands.demo",
     "clip.commands.data",
+    "clip.commands.score",
 )
 
 
