@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.demo",
     "clip.commands.data",
     "clip.commands.score",
+    "clip.commands.embed",
 )
 
 
