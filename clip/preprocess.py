@@ -305,17 +305,75 @@ class ImageNotFoundError(ValueError, FileNotFoundError):
     """A missing image file; both a ValueError (like every unreadable image) and a FileNotFoundError."""
 
 
-def load_image(path: str | os.PathLike[str], exif: bool = False) -> Image.Image:
+class ImageTooLargeError(ValueError):
+    """An image whose decoding and preprocessing would need more memory than allowed (checked before decoding)."""
+
+
+# The most memory one image may take to decode and preprocess (`load_image`'s default bound): a photo of up to
+# ~200 megapixels in RGB, ~38 in 16-bit grey, ~26 in 32-bit float.  With one decoding worker per core, a few
+# hostile files (a 344 KB 7000x7000 float TIFF needs ~1.9 GB) can no longer exhaust a machine's memory.
+MAX_DECODE_BYTES = 1 << 30
+
+# Peak bytes per pixel of `load_image` followed by CLIP's preprocessing, by mode, measured (ru_maxrss) on
+# 9-megapixel images with a little margin: Pillow holds 8-bit multi-band images as 4 bytes per pixel, alpha
+# modes are resized premultiplied (a second copy), and "I" / "F" / 16-bit images go through float64 arrays
+# in `_prepare_mode`.  Modes not listed are charged like "F".
+_BYTES_PER_PIXEL = {
+    "1": 2, "L": 2, "P": 2,
+    "RGB": 5, "RGBX": 5, "CMYK": 5, "YCbCr": 5, "LAB": 5, "HSV": 5,
+    "LA": 9, "La": 9, "PA": 13, "RGBA": 9, "RGBa": 9,
+    "I;16": 28, "I;16L": 28, "I;16B": 28, "I;16N": 28,
+    "I": 40, "F": 40,
+}  # fmt: skip
+_STORED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # else 4
+
+
+def decode_cost(mode: str, width: int, height: int, exif: bool = False) -> int:
+    """Bytes that decoding a `width` x `height` image of `mode` and preprocessing it for CLIP may take at peak.
+
+    Known from the file's header alone (after `Image.open`, before `load`), so callers can refuse an image
+    before it costs anything.  `exif`: the orientation is applied, which may hold a rotated copy.
+    """
+    pixels = int(width) * int(height)
+    per_pixel = _BYTES_PER_PIXEL.get(mode, _BYTES_PER_PIXEL["F"])
+    if exif:
+        per_pixel += _STORED_BYTES_PER_PIXEL.get(mode, 4)
+    return pixels * per_pixel
+
+
+def _check_decode_budget(name: str, img: Image.Image, exif: bool, max_bytes: int | None) -> None:
+    """Raise ImageTooLargeError, naming the file, if decoding `img` would exceed `max_bytes`."""
+    if max_bytes is None:
+        return
+    cost = decode_cost(img.mode, img.width, img.height, exif)
+    if cost > max_bytes:
+        raise ImageTooLargeError(
+            f"image too large to decode safely: {name!r} is {img.width}x{img.height} in mode {img.mode}, "
+            f"which needs ~{cost / 2**20:,.0f} MiB to decode and preprocess (the limit is "
+            f"{max_bytes / 2**20:,.0f} MiB); downscale it or convert it to 8 bits per channel"
+        )
+
+
+def load_image(
+    path: str | os.PathLike[str], exif: bool = False, *, max_bytes: int | None = MAX_DECODE_BYTES
+) -> Image.Image:
     """Open and fully decode an image file, in its stored mode, with nothing applied (as OpenAI's clip does).
 
     With `exif=True` the EXIF orientation tag is applied (the image is rotated / flipped upright); OpenAI does
     not do this, so leave it off to reproduce their numbers. Raises ValueError naming the file and the problem
     for a missing (`ImageNotFoundError`, also a FileNotFoundError), unreadable, non-image or truncated file.
+
+    max_bytes: refuse (`ImageTooLargeError`, a ValueError) before decoding an image whose decoding plus CLIP
+    preprocessing would take more memory than this (`decode_cost`: pixel count times a cost per mode); None
+    for no bound beyond Pillow's decompression-bomb check.
     """
     name = os.fspath(path)
     try:
         with Image.open(name) as img:
+            _check_decode_budget(name, img, exif, max_bytes)  # from the header: nothing decoded yet
             img.load()  # decode now: a truncated file fails here, not later in a DataLoader worker
+    except ImageTooLargeError:
+        raise
     except FileNotFoundError as err:
         raise ImageNotFoundError(f"image file not found: {name!r}") from err
     except Image.UnidentifiedImageError as err:

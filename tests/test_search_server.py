@@ -37,7 +37,8 @@ def served(tmp_path_factory):
     (tmp / "secret.txt").write_text("not for the web")
     idx = Index.open(tmp / "idx", model=str(tmp / "tiny.pt"))
     idx.sync(photos, num_workers=0)
-    client = TestClient(create_app(idx, ServerLimits(max_upload_bytes=200_000, max_upload_pixels=4_000_000)))
+    limits = ServerLimits(max_upload_bytes=200_000, max_upload_pixels=4_000_000)
+    client = TestClient(create_app(idx, limits, allowed_hosts=["testserver"]))
     return client, idx, photos, tmp
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from clip.cli import CLIError
 from clip.commands.eval import add_model_args, load_model
+from clip.commands.output import print_line
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     out = classify_images(args)
     if args.json:
         out["seconds"] = round(time.perf_counter() - start, 3)
-        print(json.dumps(out, indent=2), flush=True)
+        print_line(json.dumps(out, indent=2))  # ASCII: non-UTF-8 names are escaped
         return 0
     lines = []
     for r in out["results"]:
@@ -115,5 +116,5 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"skipped {s['image']}: {s['error']}")
     if out["n_skipped"]:
         lines.append(f"{out['n_skipped']} unreadable image(s) skipped")
-    print("\n".join(lines), flush=True)
+    print_line("\n".join(lines))
     return 0

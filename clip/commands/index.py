@@ -7,6 +7,7 @@ import os
 import sys
 
 from clip.cli import CLIError
+from clip.commands.output import print_line
 
 MAX_LISTED_ERRORS = 20
 
@@ -18,8 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Walk PHOTOS_DIR recursively and embed every readable image (JPEG, PNG, WebP, GIF, BMP, TIFF; "
             "hidden folders skipped) into the index folder IDX. Run it again to embed only new or changed "
-            "files and drop deleted ones; a killed run resumes where it stopped. Unreadable files are listed "
-            "in IDX/report.json."
+            "files and drop deleted ones; a killed run resumes where it stopped; damaged shards are dropped and "
+            "their images embedded again. Unreadable files and folders are listed in IDX/report.json."
         ),
     )
     parser.add_argument("photos", metavar="PHOTOS_DIR", help="folder of images to index (recursively)")
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         report = idx.sync(
             args.photos, batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress
         )
+        for line in report.repaired:
+            print(f"repaired: {line}", flush=True)
         print(
             f"embedded {report.added} new and {report.updated} changed images in {report.seconds:.1f} s "
             f"({report.images_per_second:.1f} images/s); removed {report.removed}; "
@@ -82,13 +85,22 @@ def run(args: argparse.Namespace) -> int:
         full = idx.report()
         atomic_write_json(os.path.join(args.index, "report.json"), {"last_run": report.to_dict(), **full})
         print(f"index {args.index} holds {full['count']} images")
-        errors = full["errors"]
-        if errors:
-            print(
-                f"{len(errors)} files could not be read (all listed in {os.path.join(args.index, 'report.json')}):"
-            )
-            for e in errors[:MAX_LISTED_ERRORS]:
-                print(f"  {e['path']}: {e['error']}")
-            if len(errors) > MAX_LISTED_ERRORS:
-                print(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more")
+        report_file = os.path.join(args.index, "report.json")
+        _list("files could not be read", full["errors"], report_file)
+        _list(
+            "folders could not be read (their files were left as they were)",
+            report.to_dict()["unreadable_folders"],
+            report_file,
+        )
     return 0
+
+
+def _list(what: str, entries: list[dict[str, str]], report_file: str) -> None:
+    """Print up to MAX_LISTED_ERRORS of `entries` ({"path", "error"}), non-UTF-8 names included."""
+    if not entries:
+        return
+    print_line(f"{len(entries)} {what} (all listed in {report_file}):")
+    for e in entries[:MAX_LISTED_ERRORS]:
+        print_line(f"  {e['path']}: {e['error']}")
+    if len(entries) > MAX_LISTED_ERRORS:
+        print_line(f"  ... and {len(entries) - MAX_LISTED_ERRORS} more")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from clip.cli import CLIError
+from clip.commands.output import json_line, print_line
 from clip.commands.search_args import add_index_model_args
 
 
@@ -57,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
             results += zip(args.image, idx.search_image(args.image, args.k, ann=ann), strict=True)
     for query, hits in results:
         if args.json:
-            print(json.dumps({"query": query, "results": [h.to_dict() for h in hits]}, ensure_ascii=False))
+            print_line(json_line({"query": query, "results": [h.to_dict() for h in hits]}))
             continue
         if len(results) > 1:
-            print(f"# {query}")
+            print_line(f"# {query}")
         for h in hits:
-            print(f"{h.path}\t{h.score:.4f}")
+            print_line(f"{h.path}\t{h.score:.4f}")
     return 0

@@ -26,6 +26,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image accepted (MB)")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for host NAME (repeatable). By default only IP addresses, localhost and "
+        "the --host name are answered, so a web page cannot reach the server through DNS rebinding",
+    )
     add_index_model_args(parser)
     parser.set_defaults(func=run)
 
@@ -56,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         _ = idx.encoder
     print(f"serving {len(idx)} images from {args.index} at http://{args.host}:{args.port}/", flush=True)
-    serve(idx, args.host, args.port, ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024)))
+    limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    serve(idx, args.host, args.port, limits, allowed_hosts=args.allowed_host)
     return 0

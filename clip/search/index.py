@@ -15,12 +15,13 @@ for large indexes, with the files added since it was built searched exactly on t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -32,8 +33,8 @@ from PIL import Image
 
 from clip.search import ann as ann_mod
 from clip.search.encoder import Encoder, as_encoder
-from clip.search.scan import Job, default_workers, make_loader, relative_to, resolve_paths, walk_images
-from clip.search.store import DB_NAME, SHARD_TARGET_ROWS, FileRecord, Snapshot, Store
+from clip.search.scan import Job, default_workers, make_loader, relative_to, resolve_paths, scan_images
+from clip.search.store import DB_NAME, SHARD_TARGET_ROWS, THUMB_DIR, FileRecord, Snapshot, Store
 from clip.search.topk import rank, search_exact
 
 # Above this many vectors an exact scan costs more than ~25 ms per query on a 2-core CPU (see docs/search.md),
@@ -75,6 +76,9 @@ class IndexReport:
     skipped: int = 0  # already indexed and unchanged (or unchanged and still unreadable)
     removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, message) read this run
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, message), left out
+    repaired: list[str] = field(default_factory=list)  # one line per damaged shard dropped and re-embedded
+    thumbs_pruned: int = 0  # cached thumbnails of files no longer indexed, deleted
     seconds: float = 0.0
     count: int = 0  # embeddings in the index afterwards
 
@@ -89,6 +93,7 @@ class IndexReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["failed"] = [{"path": p, "error": m} for p, m in self.failed]
+        d["unreadable_folders"] = [{"path": p, "error": m} for p, m in self.unreadable_folders]
         d["images_per_second"] = round(self.images_per_second, 2)
         return d
 
@@ -139,29 +144,16 @@ class Index:
             )
         encoder = as_encoder(model, device) if model is not None else None
         store = Store(root, create=encoder is not None)
-        stored = store.get_meta("model_identity")
-        if stored is None:
-            if encoder is None:
+        try:
+            if store.get_meta("model_identity") is None and encoder is None:
                 raise ValueError(
                     f"index {str(root)!r} records no model; open it with model=... to initialise it"
                 )
-            store.set_meta(
-                {
-                    "model_identity": encoder.identity,
-                    "model_spec": encoder.spec or "",
-                    "embed_dim": str(encoder.embed_dim),
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                }
-            )
-        elif encoder is not None and encoder.identity != stored:
-            spec = store_spec(store)
+            if encoder is not None:
+                _check_identity(store, encoder, claim=True)
+        except BaseException:
             store.close()
-            raise ModelMismatchError(
-                f"index {str(root)!r} holds embeddings of model {spec} (identity {stored[:12]}),"
-                f" but the model given, {encoder.describe()!r}, has identity {encoder.identity[:12]} (other "
-                "weights, config or preprocessing). Embeddings of different models cannot be mixed: use a "
-                "new index folder, or the index's own model (leave --model out)."
-            )
+            raise
         return cls(store, encoder, device)
 
     def close(self) -> None:
@@ -223,6 +215,16 @@ class Index:
         """(path, message) of every file that could not be read, sorted by path."""
         return self._store.errors()
 
+    @property
+    def roots(self) -> list[str]:
+        """Real paths (links resolved) of the folders this index was filled from; `clip serve` sends only
+        files that still resolve inside one of them.  Empty for an index made before they were recorded."""
+        return json.loads(self._store.get_meta("roots") or "[]")
+
+    @property
+    def thumb_dir(self) -> Path:
+        return self.root / THUMB_DIR
+
     def report(self) -> dict[str, Any]:
         return {
             "index": str(self.root),
@@ -245,8 +247,10 @@ class Index:
         commit_seconds: float = 2.0,
     ) -> IndexReport:
         """Embed the image files `paths` that are new or changed; unreadable ones are recorded as errors."""
-        with self._store.writing():
-            return self._update(resolve_paths(paths), [], batch_size, num_workers, progress, commit_seconds)
+        paths = resolve_paths(paths)
+        with self._writing() as report:
+            self._add_roots(os.path.dirname(p) for p in paths)
+            return self._update(report, paths, [], batch_size, num_workers, progress, commit_seconds)
 
     def sync(
         self,
@@ -259,22 +263,62 @@ class Index:
     ) -> IndexReport:
         """Make the index match the images under `folder`: embed new and changed files, drop deleted ones.
 
-        Files indexed from other folders are left alone.
+        Files indexed from other folders are left alone, and so are the indexed files of a folder that
+        cannot be listed now (it is reported in `unreadable_folders`, not taken as deleted).
         """
         folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
-        files = walk_images(folder, exclude=[self.root])
-        with self._store.writing():
+        files, unreadable = scan_images(folder, exclude=[self.root])
+        with self._writing() as report:
+            report.unreadable_folders = unreadable
+            self._add_roots([folder])
             present = set(files)
             known = list(self._store.known_files()) + list(self._store.known_errors())
-            gone = [p for p in known if relative_to(p, folder) and p not in present]
-            return self._update(files, gone, batch_size, num_workers, progress, commit_seconds)
+            gone = [
+                p
+                for p in known
+                if relative_to(p, folder)
+                and p not in present
+                and not any(relative_to(p, u) for u, _ in unreadable)
+            ]
+            return self._update(report, files, gone, batch_size, num_workers, progress, commit_seconds)
 
     def remove(self, paths: Iterable[str | os.PathLike]) -> int:
         """Drop `paths` from the index; returns how many embeddings were removed."""
-        with self._store.writing():
+        with self._writing():
             removed = self._store.delete(resolve_paths(paths))
             self._store.compact()
+            self.prune_thumbnails()
         return removed
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[IndexReport]:
+        """The write lock, with the model identity checked under it and damaged shards dropped first."""
+        with self._store.writing():
+            report = IndexReport()
+            if self._encoder is not None:
+                _check_identity(self._store, self._encoder, claim=False)
+            for name, problem, paths in self._store.repair_shards(self.embed_dim):
+                report.repaired.append(f"shard {name} {problem}: its {len(paths)} images are embedded again")
+            yield report
+
+    def _add_roots(self, folders: Iterable[str]) -> None:
+        """Record the real paths of `folders` among the index's roots (see `roots`)."""
+        roots = self.roots
+        new = [r for r in dict.fromkeys(os.path.realpath(f) for f in folders) if r not in roots]
+        if new:
+            self._store.set_meta({"roots": json.dumps(sorted(roots + new))})
+
+    def prune_thumbnails(self) -> int:
+        """Delete cached thumbnails (IDX/thumbs) of content no longer in the index; returns how many."""
+        if not self.thumb_dir.is_dir():
+            return 0
+        live = self._store.live_hashes()
+        pruned = 0
+        for f in self.thumb_dir.iterdir():
+            if f.name.split("-", 1)[0] not in live:  # also older names, and temp files of killed writes
+                f.unlink(missing_ok=True)
+                pruned += 1
+        return pruned
 
     def _plan(self, paths: list[str], report: IndexReport) -> list[Job]:
         known = self._store.known_files()
@@ -299,6 +343,7 @@ class Index:
 
     def _update(
         self,
+        report: IndexReport,
         paths: list[str],
         gone: list[str],
         batch_size: int,
@@ -306,7 +351,6 @@ class Index:
         progress: bool,
         commit_seconds: float,
     ) -> IndexReport:
-        report = IndexReport()
         t0 = time.perf_counter()
         if gone:
             report.removed = self._store.delete(gone)
@@ -314,6 +358,7 @@ class Index:
         if jobs:
             self._embed(jobs, report, batch_size, num_workers, progress, commit_seconds)
         self._store.compact()
+        report.thumbs_pruned = self.prune_thumbnails()
         report.seconds = time.perf_counter() - t0
         report.count = len(self)
         return report
@@ -541,6 +586,26 @@ class Index:
             q = self.encoder.encode_images(images)
         hits = self.search_vectors(q, k, ann=ann)
         return hits[0] if single else hits
+
+
+def _check_identity(store: Store, encoder: Encoder, *, claim: bool) -> None:
+    """Raise ModelMismatchError unless `encoder` is the index's model; with `claim`, an index that records
+    no model yet gets this one's identity, set in the same write transaction that reads it (two processes
+    creating one index with different models: exactly one identity wins, and the other process is refused)."""
+    values = {
+        "model_identity": encoder.identity,
+        "model_spec": encoder.spec or "",
+        "embed_dim": str(encoder.embed_dim),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    stored = store.claim_meta("model_identity", values) if claim else store.get_meta("model_identity")
+    if stored is not None and stored != encoder.identity:
+        raise ModelMismatchError(
+            f"index {str(store.root)!r} holds embeddings of model {store_spec(store)} (identity {stored[:12]}),"
+            f" but the model given, {encoder.describe()!r}, has identity {encoder.identity[:12]} (other "
+            "weights, config or preprocessing). Embeddings of different models cannot be mixed: use a "
+            "new index folder, or the index's own model (leave --model out)."
+        )
 
 
 def store_spec(store: Store) -> str:

@@ -32,17 +32,33 @@ def walk_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = 
     """Absolute paths of the image files under `root` (recursive, sorted), skipping hidden folders.
 
     Symlinked folders are not followed (no cycles); `exclude` lists folders to skip (the index itself, when it
-    lives inside the photo folder, so its thumbnails are not indexed).
+    lives inside the photo folder, so its thumbnails are not indexed).  Unreadable folders are left out; use
+    `scan_images` to learn which.
+    """
+    return scan_images(root, exclude)[0]
+
+
+def scan_images(
+    root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """`walk_images`, plus (folder, message) for every folder that could not be listed.
+
+    Names that are not valid UTF-8 come back as Python holds them (surrogate escapes), usable with open().
     """
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"photo folder not found: {root!r}; pass an existing directory")
     skip = {os.path.abspath(p) for p in exclude}
-    found = []
-    for folder, dirs, files in os.walk(root):
+    found: list[str] = []
+    unreadable: list[tuple[str, str]] = []
+
+    def failed(err: OSError) -> None:
+        unreadable.append((err.filename or root, err.strerror or str(err)))
+
+    for folder, dirs, files in os.walk(root, onerror=failed):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in skip)
         found.extend(os.path.join(folder, f) for f in files if is_image_name(f) and not f.startswith("."))
-    return sorted(found)
+    return sorted(found), sorted(unreadable)
 
 
 def file_sha256(path: str) -> str:

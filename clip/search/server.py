@@ -10,35 +10,51 @@ Endpoints (described at /openapi.json):
     GET  /api/info               index size, model and unreadable-file count
 
 Safety: a file is served only if its path is, character for character, a path the index holds (no path is
-joined, normalised or decoded into the file system, so `../`, encoded and absolute paths fail the lookup).
-Uploads are capped in bytes and pixels, non-images get a 415 with a message, queries are capped in length, and
-a failing search answers 500 with a message while the server keeps serving.
+joined, normalised or decoded into the file system, so `../`, encoded and absolute paths fail the lookup), and
+only while it is still the indexed file (`clip.search.guard`: links resolved at request time must stay inside
+the indexed folders; size, mtime and, for originals, SHA-256 must match; the bytes must be an image).  Requests
+naming another host are refused (DNS rebinding), no response may be framed, and slow clients are cut off.
+Uploads are capped in bytes, pixels and decoding memory (`clip.preprocess.decode_cost`, checked before
+decoding), at most `max_concurrent_decodes` images are decoded at once, non-images get a 415 with a message,
+queries are capped in length, and a failing search answers 500 with a message while the server keeps serving.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import importlib.resources
 import io
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
+import anyio
 from PIL import Image, ImageOps
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from clip.io import atomic_write_bytes
+from clip.preprocess import MAX_DECODE_BYTES, decode_cost
+from clip.search.guard import (
+    FileChangedError,
+    GuardMiddleware,
+    allowed_host_names,
+    check_unchanged,
+    read_verified,
+    timed_h11_protocol,
+)
 from clip.search.index import Hit, Index
+from clip.search.store import FileRecord, thumb_name
 
 log = logging.getLogger("clip.search.server")
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around an uploaded file
@@ -48,6 +64,12 @@ MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around an uploaded file
 class ServerLimits:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_upload_pixels: int = 50_000_000  # a 10 MB PNG can decode to gigabytes; refuse before decoding
+    # Decoding + preprocessing memory per upload (pixels times a cost per mode: a 7000x7000 float TIFF of
+    # 344 KB would take ~1.9 GB), and how many uploads and thumbnails are decoded at once.
+    max_upload_decode_bytes: int = 512 * 1024 * 1024
+    max_concurrent_decodes: int = 2
+    header_timeout: float = 10.0  # seconds a client may take to send a request's headers
+    body_timeout: float = 30.0  # seconds a client may take to send an upload
     max_query_chars: int = 1000
     max_k: int = 200
     max_results: int = 2000  # offset + k
@@ -84,13 +106,18 @@ def _page_params(request: Request, limits: ServerLimits) -> tuple[int, int]:
     return k, offset
 
 
+def _shown(path: str) -> str:
+    """`path` as JSON can carry it: bytes of a name that is not UTF-8 shown as U+FFFD (the URLs stay exact)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def _hit_json(index: Index, rank: int, hit: Hit) -> dict[str, Any]:
     info = index.file_info(hit.path)
-    q = quote(hit.path, safe="")
+    q = quote(os.fsencode(hit.path), safe="")  # the name's own bytes, so non-UTF-8 names round-trip
     return {
         "rank": rank,
-        "path": hit.path,
-        "name": os.path.basename(hit.path),
+        "path": _shown(hit.path),
+        "name": _shown(os.path.basename(hit.path)),
         "score": round(hit.score, 5),
         "width": info.width if info else None,
         "height": info.height if info else None,
@@ -116,15 +143,19 @@ def _page(
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
-async def _capped_body(request: Request, limit: int) -> bytes:
+async def _capped_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"upload too large: {int(declared)} bytes, the limit is {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"upload too large: over {limit} bytes")
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"upload too large: over {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"upload too slow: not complete after {timeout:g} s") from None
     return bytes(body)
 
 
@@ -132,7 +163,8 @@ async def _upload_bytes(request: Request, limits: ServerLimits) -> bytes:
     """The uploaded image: the raw body, or the first file of a multipart form."""
     ctype = request.headers.get("content-type", "")
     multipart = ctype.startswith("multipart/form-data")
-    body = await _capped_body(request, limits.max_upload_bytes + (MULTIPART_OVERHEAD if multipart else 0))
+    limit = limits.max_upload_bytes + (MULTIPART_OVERHEAD if multipart else 0)
+    body = await _capped_body(request, limit, limits.body_timeout)
     if not multipart:
         if not body:
             raise ApiError(400, "empty upload: send the image file as the request body")
@@ -154,13 +186,23 @@ async def _upload_bytes(request: Request, limits: ServerLimits) -> bytes:
     return data
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> decoded PIL image with EXIF orientation applied, or ApiError 413 / 415."""
+def decode_upload(data: bytes, max_pixels: int, max_bytes: int = MAX_DECODE_BYTES) -> Image.Image:
+    """Bytes -> decoded PIL image with EXIF orientation applied, or ApiError 413 / 415.
+
+    Pixel count and decoding memory (by mode) are checked from the header, before anything is decoded.
+    """
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
             raise ApiError(
                 413, f"image too large: {img.width}x{img.height} pixels, the limit is {max_pixels}"
+            )
+        cost = decode_cost(img.mode, img.width, img.height, exif=True)
+        if cost > max_bytes:
+            raise ApiError(
+                413,
+                f"image too large: {img.width}x{img.height} in mode {img.mode} needs ~{cost >> 20} MiB to "
+                f"decode, the limit is {max_bytes >> 20} MiB",
             )
         img.load()
         return ImageOps.exif_transpose(img)
@@ -172,10 +214,9 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
 
 
-def make_thumbnail(path: str, size: int) -> bytes:
-    from clip.preprocess import load_image
-
-    img = load_image(path, exif=True)
+def make_thumbnail(data: bytes, size: int) -> bytes:
+    """JPEG bytes of a thumbnail (longest side `size`, EXIF orientation applied) of the image file `data`."""
+    img = decode_upload(data, max_pixels=1 << 62)  # an indexed file: it was decoded once already
     img.thumbnail((size, size), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     img.convert("RGB").save(out, format="JPEG", quality=85)
@@ -188,7 +229,15 @@ class SearchApp:
     def __init__(self, index: Index, limits: ServerLimits) -> None:
         self.index = index
         self.limits = limits
-        self.thumb_dir = index.root / "thumbs"
+        self.thumb_dir = index.thumb_dir
+        self._decoding: asyncio.Semaphore | None = None  # made in the server's event loop, on first use
+
+    async def _bounded(self, func: Any, *args: Any) -> Any:
+        """Run `func(*args)` in a worker thread, at most `max_concurrent_decodes` at once (memory bound)."""
+        if self._decoding is None:
+            self._decoding = asyncio.Semaphore(self.limits.max_concurrent_decodes)
+        async with self._decoding:
+            return await run_in_threadpool(func, *args)
 
     async def page(self, request: Request) -> Response:
         html = importlib.resources.files("clip.search").joinpath("static/index.html").read_text("utf-8")
@@ -221,14 +270,22 @@ class SearchApp:
         t0 = time.perf_counter()
         k, offset = _page_params(request, self.limits)
         data = await _upload_bytes(request, self.limits)
-        img = await run_in_threadpool(decode_upload, data, self.limits.max_upload_pixels)
-        hits = await run_in_threadpool(self.index.search_image, img, offset + k + 1)
-        extra = {"query": {"image": f"{img.width}x{img.height}", "bytes": len(data)}}
+        hits, shape = await self._bounded(self._search_upload, data, offset + k + 1)
+        extra = {"query": {"image": shape, "bytes": len(data)}}
         return _page(self.index, hits, k, offset, extra, t0)
 
-    def _indexed(self, request: Request) -> Any:
-        """The index record of ?path=..., compared as an exact string; anything else is a 404."""
-        path = request.query_params.get("path", "")
+    def _search_upload(self, data: bytes, k: int) -> tuple[list[Hit], str]:
+        img = decode_upload(data, self.limits.max_upload_pixels, self.limits.max_upload_decode_bytes)
+        return self.index.search_image(img, k), f"{img.width}x{img.height}"
+
+    def _indexed(self, request: Request) -> FileRecord:
+        """The index record of ?path=..., compared as an exact string; anything else is a 404.
+
+        The query is decoded by hand so that %-escaped bytes of a name that is not UTF-8 reach the lookup
+        as Python holds such names (surrogate escapes), not replaced by U+FFFD.
+        """
+        query = parse_qs(request.scope["query_string"].decode("latin-1"), errors="surrogateescape")
+        path = query.get("path", [""])[0]
         info = self.index.file_info(path) if path else None
         if info is None:
             raise ApiError(404, "not an indexed file")
@@ -236,16 +293,20 @@ class SearchApp:
 
     async def thumb(self, request: Request) -> Response:
         info = self._indexed(request)
+        roots = self.index.roots
         size = self.limits.thumb_size
-        key = hashlib.sha256(f"{info.sha256}:{size}".encode()).hexdigest()
-        cached = self.thumb_dir / f"{key}.jpg"
-        headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
-        if cached.is_file():
-            return FileResponse(cached, media_type="image/jpeg", headers=headers)
+        cached = self.thumb_dir / thumb_name(info.sha256, size)
+        headers = {"Cache-Control": "private, max-age=86400"}
         try:
-            data = await run_in_threadpool(make_thumbnail, info.path, size)
-        except (ValueError, OSError):
-            raise ApiError(404, "indexed file is no longer readable") from None
+            await run_in_threadpool(check_unchanged, info, roots)  # deleted or changed: no thumbnail either
+            if cached.is_file():
+                return FileResponse(cached, media_type="image/jpeg", headers=headers)
+            original, _ = await run_in_threadpool(read_verified, info, roots)
+            data = await self._bounded(make_thumbnail, original, size)
+        except FileChangedError as err:
+            raise ApiError(404, str(err)) from None
+        except ApiError:
+            raise ApiError(404, "indexed file is no longer a readable image") from None
         try:
             atomic_write_bytes(cached, data)
         except OSError as err:  # a read-only index still serves thumbnails, uncached
@@ -254,9 +315,11 @@ class SearchApp:
 
     async def image(self, request: Request) -> Response:
         info = self._indexed(request)
-        if not os.path.isfile(info.path):
-            raise ApiError(404, "indexed file is no longer there")
-        return FileResponse(info.path, headers={"X-Content-Type-Options": "nosniff"})
+        try:
+            data, media_type = await run_in_threadpool(read_verified, info, self.index.roots)
+        except FileChangedError as err:
+            raise ApiError(404, str(err)) from None
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
 # The page loads nothing from elsewhere: scripts and styles inline, images from this server only.
@@ -278,8 +341,15 @@ def _guard(handler: Any) -> Any:
     return wrapped
 
 
-def create_app(index: Index, limits: ServerLimits | None = None) -> Starlette:
-    """The ASGI app serving `index`."""
+def create_app(
+    index: Index,
+    limits: ServerLimits | None = None,
+    *,
+    bind_host: str = "127.0.0.1",
+    allowed_hosts: Iterable[str] = (),
+) -> Starlette:
+    """The ASGI app serving `index`, answering requests whose Host is an IP address, localhost, `bind_host`
+    or one of `allowed_hosts` ("*": any)."""
     h = SearchApp(index, limits or ServerLimits())
     routes = [
         Route("/", _guard(h.page), methods=["GET"]),
@@ -290,7 +360,8 @@ def create_app(index: Index, limits: ServerLimits | None = None) -> Starlette:
         Route("/api/info", _guard(h.info), methods=["GET"]),
         Route("/openapi.json", _guard(h.openapi), methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    names = allowed_host_names(bind_host, allowed_hosts)
+    return Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, allowed_names=names)])
 
 
 def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
@@ -390,9 +461,16 @@ def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
 
 
 def serve(
-    index: Index, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None
+    index: Index,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServerLimits | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(index, limits), host=host, port=port, log_level="info")
+    limits = limits or ServerLimits()
+    app = create_app(index, limits, bind_host=host, allowed_hosts=allowed_hosts)
+    protocol = timed_h11_protocol(limits.header_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="info", http=protocol, timeout_keep_alive=5)

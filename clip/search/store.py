@@ -5,7 +5,7 @@ Layout of an index folder::
     index.sqlite          meta (model identity, generation, ...), shards, files, errors
     shards/<token>.npy    float16 [rows, D] unit vectors, written once, never modified
     ann-<token>.faiss     optional approximate index (see `clip.search.ann`)
-    thumbs/               thumbnails cached by `clip serve`
+    thumbs/               thumbnails cached by `clip serve` (<sha256>-<size>.jpg; pruned by every writer)
     report.json           the last run's report (counts, unreadable files)
 
 Crash safety comes from the order of writes.  A batch of embeddings is first written as a new shard file
@@ -16,6 +16,14 @@ follows the same rule: new shards first, then one transaction re-points the rows
 
 Each embedding gets a `vec_id` that is never reused (a modified file gets a new one), which lets an
 approximate index built earlier tell its still-valid vectors from stale ones.
+
+Damage is detected, never hidden: a shard file that is missing, truncated or of another dtype or shape makes
+reads fail with `DamagedIndexError` (one line naming the shard and the fix), and the next writer drops the rows
+it held (`repair_shards`) so that `clip index` re-embeds those files.  An unreadable `index.sqlite` is reported
+the same way.  A read-only index can be searched (it is opened read-only) but not written.
+
+Paths are stored as SQLite text when they are valid UTF-8, and as the file name's raw bytes (a BLOB) otherwise,
+so a file whose name is not UTF-8 is indexed like any other and found again under its exact name.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -38,6 +47,7 @@ FORMAT_VERSION = 1
 DB_NAME = "index.sqlite"
 SHARD_DIR = "shards"
 LOCK_NAME = "write.lock"
+THUMB_DIR = "thumbs"
 SHARD_TARGET_ROWS = 65536
 
 _SCHEMA = """
@@ -92,6 +102,82 @@ class IndexLockedError(RuntimeError):
     pass
 
 
+class DamagedIndexError(ValueError):
+    """index.sqlite or a shard file is unreadable or not what the database says; the message names the fix."""
+
+
+class ReadOnlyIndexError(RuntimeError):
+    """A write was asked of an index this process cannot write."""
+
+
+def db_path(path: str) -> str | bytes:
+    """How `path` is stored: itself when it is valid UTF-8, else the file name's bytes (lossless)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a name that was not UTF-8 on disk: Python holds it with surrogate escapes
+        return os.fsencode(path)
+    return path
+
+
+def py_path(value: str | bytes) -> str:
+    """The Python path of a stored value (inverse of `db_path`)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _stat_fields(r: FileRecord) -> tuple[int, int, str, int, int]:
+    return r.size, r.mtime_ns, r.sha256, r.width, r.height
+
+
+def thumb_name(sha256: str, size: int) -> str:
+    """File name of the cached thumbnail of content `sha256` at `size` pixels (in IDX/thumbs)."""
+    return f"{sha256}-{size}.jpg"
+
+
+def shard_problem(path: Path, rows: int, dim: int) -> str | None:
+    """Why the shard file `path` cannot be float16 [rows, dim] (missing, truncated, ...), or None if it can.
+
+    Reads only the .npy header and the file size, so checking every shard costs next to nothing.
+    """
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return f"has unsupported .npy version {version}"
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError, EOFError) as err:
+        return f"is unreadable ({type(err).__name__}: {err})"
+    if dtype != np.float16:
+        return f"holds {dtype}, not float16"
+    if tuple(shape) != (rows, dim) or fortran:
+        return f"has shape {tuple(shape)}, expected ({rows}, {dim})"
+    if size != offset + rows * dim * 2:
+        return f"is truncated ({size} bytes, expected {offset + rows * dim * 2})"
+    return None
+
+
+def _database_error(root: Path, err: sqlite3.Error) -> Exception:
+    """The one-line error for a failing SQLite call: read-only, damaged, or (busy, ...) the error itself."""
+    text = str(err)
+    if "readonly" in text or "read-only" in text:
+        return ReadOnlyIndexError(
+            f"index {str(root)!r} is read-only ({text}): make it writable (chmod -R u+w {root}) "
+            "or index into another folder"
+        )
+    if isinstance(err, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+        return DamagedIndexError(
+            f"index {str(root)!r} is damaged: {DB_NAME} is not a readable SQLite database ({text}); "
+            f"rebuild it: mv {root / DB_NAME} {root / DB_NAME}.damaged, then "
+            f"`clip index PHOTOS --index {root} --model M`"
+        )
+    return err
+
+
 def _lock_exclusive(fd: int, root: Path) -> None:
     """Take a POSIX record lock on `fd` or raise IndexLockedError.
 
@@ -122,18 +208,52 @@ class Store:
             (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._writer = threading.Lock()  # POSIX file locks do not exclude threads of one process
-        self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just SIGKILL
-        self._db.executescript(_SCHEMA)
+        self.read_only = False
+        try:
+            self._db = self._connect(db)
+        except sqlite3.Error as err:
+            raise _database_error(self.root, err) from None
         version = self.get_meta("format_version")
         if version is None:
-            self.set_meta({"format_version": str(FORMAT_VERSION), "generation": "0", "next_vec_id": "0"})
-        elif int(version) != FORMAT_VERSION:
+            raise DamagedIndexError(
+                f"index {str(self.root)!r} is damaged: {DB_NAME} records no format version"
+            )
+        if int(version) != FORMAT_VERSION:
             raise ValueError(
                 f"index {str(self.root)!r} has format version {version}; this version of clip reads "
                 f"{FORMAT_VERSION}. Rebuild it with `clip index` into a new folder."
             )
+
+    def _connect(self, db: Path) -> sqlite3.Connection:
+        con = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=60)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just SIGKILL
+            con.executescript(_SCHEMA)
+            # INSERT OR IGNORE in one transaction: two processes creating one index cannot reset each other's
+            # counters (a second writer resetting next_vec_id would reuse ids and replace rows).
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                [("format_version", str(FORMAT_VERSION)), ("generation", "0"), ("next_vec_id", "0")],
+            )
+            con.execute("COMMIT")
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+            if os.access(db, os.W_OK) and os.access(db.parent, os.W_OK):
+                raise
+        # A folder this process cannot write (read-only media, another user's index): read without writing.
+        self.read_only = True
+        uri = "file:" + quote(os.fsencode(db.resolve()), safe="/")
+        try:  # mode=ro still sees a live writer's WAL, if the -shm file exists and can be read
+            con = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+            con.execute("SELECT COUNT(*) FROM meta").fetchone()
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+        # No -shm and no right to create one: nobody can be writing it, so read the file as it is.
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
 
     def close(self) -> None:
         with self._lock:
@@ -144,7 +264,8 @@ class Store:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
-        with self._lock:
+        self._require_writable()
+        with self._lock, self._sqlite_errors():
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -157,7 +278,7 @@ class Store:
     @contextlib.contextmanager
     def _read_transaction(self) -> Iterator[sqlite3.Cursor]:
         """A deferred transaction: one consistent snapshot (WAL), without blocking a writer."""
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             cur = self._db.cursor()
             cur.execute("BEGIN")
             try:
@@ -165,14 +286,47 @@ class Store:
             finally:
                 cur.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """Turn a damaged or read-only database into its one-line error; other errors pass unchanged."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            converted = _database_error(self.root, err)
+            if converted is err:
+                raise
+            raise converted from None
+
+    def _rows(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self._lock, self._sqlite_errors():
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyIndexError(
+                f"index {str(self.root)!r} is read-only for this process: make it writable "
+                f"(chmod -R u+w {self.root}) or index into another folder"
+            )
+
     def get_meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     def set_meta(self, values: dict[str, str]) -> None:
         with self._transaction() as cur:
             cur.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
+
+    def claim_meta(self, key: str, values: dict[str, str]) -> str:
+        """Store `values` (which include `key`) only if `key` is unset, in one write transaction; returns the
+        value of `key` afterwards: the one stored before if another process set it first."""
+        current = self.get_meta(key)
+        if current is not None:
+            return current
+        with self._transaction() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                cur.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", values.items())
+        return row[0] if row is not None else values[key]
 
     def generation(self) -> int:
         return int(self.get_meta("generation") or 0)
@@ -183,71 +337,82 @@ class Store:
     # ------------------------------------------------------------------------------------------- reading
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+        return int(self._rows("SELECT COUNT(*) FROM files")[0][0])
 
     def count_up_to(self, max_vec_id: int) -> int:
         """Live embeddings with vec_id <= max_vec_id (those an ANN index built then can still hold)."""
-        with self._lock:
-            return int(
-                self._db.execute("SELECT COUNT(*) FROM files WHERE vec_id <= ?", (max_vec_id,)).fetchone()[0]
-            )
+        return int(self._rows("SELECT COUNT(*) FROM files WHERE vec_id <= ?", (max_vec_id,))[0][0])
 
     def known_files(self) -> dict[str, tuple[int, int, str]]:
         """path -> (size, mtime_ns, sha256) of every embedded file."""
-        with self._lock:
-            rows = self._db.execute("SELECT path, size, mtime_ns, sha256 FROM files").fetchall()
-        return {p: (s, m, h) for p, s, m, h in rows}
+        rows = self._rows("SELECT path, size, mtime_ns, sha256 FROM files")
+        return {py_path(p): (s, m, h) for p, s, m, h in rows}
 
     def known_errors(self) -> dict[str, tuple[int, int]]:
-        with self._lock:
-            rows = self._db.execute("SELECT path, size, mtime_ns FROM errors").fetchall()
-        return {p: (s, m) for p, s, m in rows}
+        rows = self._rows("SELECT path, size, mtime_ns FROM errors")
+        return {py_path(p): (s, m) for p, s, m in rows}
 
     def errors(self) -> list[tuple[str, str]]:
         """(path, message) of every file that could not be read, sorted by path."""
-        with self._lock:
-            return [tuple(r) for r in self._db.execute("SELECT path, message FROM errors ORDER BY path")]
+        return [(py_path(p), m) for p, m in self._rows("SELECT path, message FROM errors ORDER BY path")]
 
     def has_path(self, path: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM files WHERE path = ?", (path,)).fetchone() is not None
+        return bool(self._rows("SELECT 1 FROM files WHERE path = ?", (db_path(path),)))
 
     def file_info(self, path: str) -> FileRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT path, size, mtime_ns, sha256, width, height FROM files WHERE path = ?", (path,)
-            ).fetchone()
-        return None if row is None else FileRecord(*row)
+        rows = self._rows(
+            "SELECT path, size, mtime_ns, sha256, width, height FROM files WHERE path = ?", (db_path(path),)
+        )
+        return FileRecord(py_path(rows[0][0]), *rows[0][1:]) if rows else None
+
+    def live_hashes(self) -> set[str]:
+        """SHA-256 of every embedded file's content."""
+        return {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
 
     def snapshot(self, embed_dim: int) -> Snapshot:
-        """Load every live vector, sorted by path.  Retries if a concurrent compaction removed a shard."""
-        for attempt in range(5):
+        """Load every live vector, sorted by path (names that are not UTF-8 last).
+
+        Retries if a concurrent compaction removed a shard; raises DamagedIndexError for a shard that is
+        missing, truncated or not float16 [rows, embed_dim] while nothing else is changing the index.
+        """
+        problems: list[tuple[str, str, int]] = []
+        for _ in range(5):
             with self._read_transaction() as cur:  # one snapshot: rows and shard names agree
                 generation = int(cur.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
                 rows = cur.execute("SELECT path, vec_id, shard, row FROM files ORDER BY path").fetchall()
-                names = dict(cur.execute("SELECT id, name FROM shards").fetchall())
-            try:
-                return self._gather(generation, rows, names, embed_dim)
-            except FileNotFoundError:
-                if attempt == 4:
-                    raise
-        raise AssertionError("unreachable")
+                shards = {sid: (name, n) for sid, name, n in cur.execute("SELECT id, name, rows FROM shards")}
+            used: dict[int, int] = {}
+            for r in rows:
+                used[r[2]] = used.get(r[2], 0) + 1
+            problems = []
+            for sid in sorted(used):
+                name, n_rows = shards[sid]
+                problem = shard_problem(self.root / SHARD_DIR / name, n_rows, embed_dim)
+                if problem is not None:
+                    problems.append((name, problem, used[sid]))
+            if not problems:
+                try:
+                    return self._gather(generation, rows, {s: v[0] for s, v in shards.items()}, embed_dim)
+                except FileNotFoundError:
+                    continue  # a compaction replaced a shard after the check: read the new state
+            if self.generation() == generation:
+                break  # nothing is moving: the damage is real
+        shown = ", ".join(f"{name} {problem} ({n} images)" for name, problem, n in problems)
+        raise DamagedIndexError(
+            f"index {str(self.root)!r} is damaged: shard {shown}; run `clip index PHOTOS --index {self.root}` "
+            "to repair it (the images those shards held are embedded again)"
+        )
 
     def _gather(self, generation: int, rows: list, names: dict[int, str], dim: int) -> Snapshot:
         n = len(rows)
-        paths = [r[0] for r in rows]
+        paths = [py_path(r[0]) for r in rows]
         vec_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
         shard_of = np.fromiter((r[2] for r in rows), dtype=np.int64, count=n)
         row_of = np.fromiter((r[3] for r in rows), dtype=np.int64, count=n)
         vectors = np.empty((n, dim), dtype=np.float16)
         for sid in np.unique(shard_of):
             where = np.flatnonzero(shard_of == sid)
-            data = np.load(self.root / SHARD_DIR / names[int(sid)], mmap_mode="r")
-            if data.ndim != 2 or data.shape[1] != dim or data.dtype != np.float16:
-                raise ValueError(
-                    f"shard {names[int(sid)]} has {data.dtype} {data.shape}, expected float16 [*, {dim}]"
-                )
+            data = np.load(self.root / SHARD_DIR / names[int(sid)], mmap_mode="r")  # checked by the caller
             vectors[where] = data[row_of[where]]
         return Snapshot(generation, paths, vec_ids, vectors)
 
@@ -256,10 +421,18 @@ class Store:
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the index's write lock (one writer at a time) and delete orphaned files first."""
+        self._require_writable()
         if not self._writer.acquire(blocking=False):
             raise IndexLockedError(f"index {str(self.root)!r} is already being written by this process")
         try:
-            with open(self.root / LOCK_NAME, "a+") as lock_file:
+            try:
+                lock_file = open(self.root / LOCK_NAME, "a+")
+            except PermissionError as err:
+                raise ReadOnlyIndexError(
+                    f"index {str(self.root)!r} is read-only ({err.strerror}): make it writable "
+                    f"(chmod -R u+w {self.root}) or index into another folder"
+                ) from None
+            with lock_file:
                 _lock_exclusive(lock_file.fileno(), self.root)
                 self.remove_orphans()
                 yield
@@ -268,10 +441,11 @@ class Store:
 
     def remove_orphans(self) -> list[str]:
         """Delete shard / ANN files that no committed transaction refers to (left by a killed writer)."""
-        with self._lock:
-            live = {r[0] for r in self._db.execute("SELECT name FROM shards")}
-            ann = json.loads(self.get_meta("ann") or "null")
+        live = {r[0] for r in self._rows("SELECT name FROM shards")}
+        ann = json.loads(self.get_meta("ann") or "null")
         removed = []
+        # A deleted shards/ folder is damage to repair (repair_shards), not a reason to fail here.
+        (self.root / SHARD_DIR).mkdir(exist_ok=True)
         for f in (self.root / SHARD_DIR).iterdir():
             if f.name not in live:
                 f.unlink(missing_ok=True)
@@ -281,6 +455,26 @@ class Store:
                 f.unlink(missing_ok=True)
                 removed.append(f.name)
         return removed
+
+    def repair_shards(self, dim: int) -> list[tuple[str, str, list[str]]]:
+        """Drop every shard that is missing, truncated or of the wrong dtype / shape, with the rows it held.
+
+        Call while `writing()`.  Returns (shard name, problem, paths whose embeddings were dropped): a sync
+        then sees those files as new and embeds them again.
+        """
+        repaired = []
+        for sid, name, n in self._rows("SELECT id, name, rows FROM shards ORDER BY id"):
+            problem = shard_problem(self.root / SHARD_DIR / name, n, dim)
+            if problem is None:
+                continue
+            with self._transaction() as cur:
+                paths = [py_path(r[0]) for r in cur.execute("SELECT path FROM files WHERE shard = ?", (sid,))]
+                cur.execute("DELETE FROM files WHERE shard = ?", (sid,))
+                cur.execute("DELETE FROM shards WHERE id = ?", (sid,))
+                self._bump(cur)
+            (self.root / SHARD_DIR / name).unlink(missing_ok=True)
+            repaired.append((name, problem, paths))
+        return repaired
 
     def _write_shard(self, vectors: np.ndarray) -> str:
         name = f"{secrets.token_hex(8)}.npy"
@@ -312,28 +506,29 @@ class Store:
                 cur.executemany(
                     "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (r.path, r.size, r.mtime_ns, r.sha256, r.width, r.height, first + i, shard_id, i)
+                        (db_path(r.path), *_stat_fields(r), first + i, shard_id, i)
                         for i, r in enumerate(records)
                     ],
                 )
-                cur.executemany("DELETE FROM errors WHERE path = ?", [(r.path,) for r in records])
+                cur.executemany("DELETE FROM errors WHERE path = ?", [(db_path(r.path),) for r in records])
                 cur.execute(
                     "UPDATE meta SET value = ? WHERE key = 'next_vec_id'", (str(first + len(records)),)
                 )
             errors = list(errors)
             cur.executemany(
                 "INSERT OR REPLACE INTO errors VALUES (?, ?, ?, ?)",
-                [(e.path, e.size, e.mtime_ns, e.message) for e in errors],
+                [(db_path(e.path), e.size, e.mtime_ns, e.message) for e in errors],
             )
-            cur.executemany("DELETE FROM files WHERE path = ?", [(e.path,) for e in errors])
+            cur.executemany("DELETE FROM files WHERE path = ?", [(db_path(e.path),) for e in errors])
             cur.executemany(
-                "UPDATE files SET size = ?, mtime_ns = ? WHERE path = ?", [(s, m, p) for p, s, m in touched]
+                "UPDATE files SET size = ?, mtime_ns = ? WHERE path = ?",
+                [(s, m, db_path(p)) for p, s, m in touched],
             )
             self._bump(cur)
 
     def delete(self, paths: Iterable[str]) -> int:
         """Forget `paths` (embeddings and error entries); returns how many embeddings were dropped."""
-        paths = [(p,) for p in paths]
+        paths = [(db_path(p),) for p in paths]
         with self._transaction() as cur:
             before = cur.execute("SELECT COUNT(*) FROM files").fetchone()[0]
             cur.executemany("DELETE FROM files WHERE path = ?", paths)
@@ -344,22 +539,21 @@ class Store:
 
     def compact(self, target_rows: int = SHARD_TARGET_ROWS) -> int:
         """Merge small shards and rewrite mostly-dead ones; returns the number of shards rewritten."""
-        with self._lock:
-            shards = self._db.execute(
-                "SELECT s.id, s.name, s.rows, COUNT(f.path) FROM shards s "
-                "LEFT JOIN files f ON f.shard = s.id GROUP BY s.id"
-            ).fetchall()
+        shards = self._rows(
+            "SELECT s.id, s.name, s.rows, COUNT(f.path) FROM shards s LEFT JOIN files f ON f.shard = s.id "
+            "GROUP BY s.id"
+        )
         redo = [s for s in shards if s[3] < target_rows // 2 or s[3] < s[2] // 2]
         if len(redo) < 2 and not any(s[3] < s[2] for s in redo):
             return 0  # one small shard without dead rows: nothing to gain
         ids = [s[0] for s in redo]
-        with self._lock:
-            marks = ",".join("?" * len(ids))
-            rows = self._db.execute(
-                f"SELECT f.path, s.name, f.row FROM files f JOIN shards s ON f.shard = s.id "
-                f"WHERE f.shard IN ({marks}) ORDER BY f.path",
-                ids,
-            ).fetchall()
+        marks = ",".join("?" * len(ids))
+        # Paths stay as stored (text or bytes): they are only bound back into this table.
+        rows = self._rows(
+            f"SELECT f.path, s.name, f.row FROM files f JOIN shards s ON f.shard = s.id "
+            f"WHERE f.shard IN ({marks}) ORDER BY f.path",
+            ids,
+        )
         loaded = {name: np.load(self.root / SHARD_DIR / name, mmap_mode="r") for name in {r[1] for r in rows}}
         new_shards = []
         for start in range(0, len(rows), target_rows):
