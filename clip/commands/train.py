@@ -7,9 +7,43 @@ the only place the mapping lives. The resolved config is written to OUT/config.j
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from clip.train.config import LOSSES, PRECISIONS
+
+
+def finite(text: str) -> float:
+    """argparse type: a finite float (inf and nan are refused here, before anything runs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def weights(text: str) -> tuple[float, ...]:
+    """argparse type: '1::2' -> (1.0, 2.0), each finite and positive."""
+    return tuple(positive(w) for w in text.split("::"))
+
 
 # (flag, group, field, argparse keyword arguments)
 FLAGS: tuple[tuple[str, str, str, dict], ...] = (
@@ -17,7 +51,7 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
      dict(help="CSV/TSV file, folder of images + .txt, or WebDataset shards ('s/{000000..000099}.tar'); "
                "several sources joined with '::'")),
     ("--train-data-weights", "data", "train_data_weights",
-     dict(type=lambda s: tuple(float(w) for w in s.split("::")), help="mixing weights, e.g. '1::2'")),
+     dict(type=weights, help="mixing weights, e.g. '1::2'")),
     ("--csv-img-key", "data", "csv_img_key", dict(default="filepath", help="image-path column (default filepath)")),
     ("--csv-caption-key", "data", "csv_caption_key", dict(default="caption", help="caption column (default caption)")),
     ("--csv-separator", "data", "csv_separator", dict(help="column separator (default: tab for .tsv, else comma)")),
@@ -28,7 +62,7 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
      dict(action="store_true", help="WebDataset: draw shards with replacement")),
     ("--shuffle-buffer", "data", "shuffle_buffer", dict(type=int, default=1000, help="WebDataset shuffle buffer")),
     ("--crop-scale", "data", "crop_scale",
-     dict(type=float, nargs=2, default=(0.9, 1.0), metavar=("LO", "HI"), help="random-resized-crop area range")),
+     dict(type=positive, nargs=2, default=(0.9, 1.0), metavar=("LO", "HI"), help="random-resized-crop area range")),
     ("--val-data", "data", "val_data", dict(help="held-out pairs (CSV or folder) for retrieval recall")),
     ("--val-every", "data", "val_every", dict(type=int, default=0, help="validate every N steps (0 = never)")),
     ("--val-num-samples", "data", "val_num_samples", dict(type=int, default=1000, help="held-out pairs to use")),
@@ -42,14 +76,14 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
      dict(action="store_true", help="recompute activations in backward (less memory)")),
     ("--compile", "model", "compile", dict(action="store_true", help="torch.compile the model")),
     ("--loss", "optim", "loss", dict(choices=LOSSES, default="clip", help="clip (InfoNCE) or siglip (sigmoid)")),
-    ("--lr", "optim", "lr", dict(type=float, default=5e-4, help="peak learning rate")),
-    ("--wd", "optim", "wd", dict(type=float, default=0.2, help="AdamW weight decay (matrices only)")),
+    ("--lr", "optim", "lr", dict(type=positive, default=5e-4, help="peak learning rate")),
+    ("--wd", "optim", "wd", dict(type=non_negative, default=0.2, help="AdamW weight decay (matrices only)")),
     ("--warmup", "optim", "warmup", dict(type=int, default=1000, help="linear warmup steps")),
-    ("--min-lr", "optim", "min_lr", dict(type=float, default=0.0, help="learning rate at the end of the cosine")),
-    ("--beta1", "optim", "beta1", dict(type=float, help="AdamW beta1 (default 0.9)")),
-    ("--beta2", "optim", "beta2", dict(type=float, help="AdamW beta2 (default 0.98 ViT, 0.999 ResNet)")),
-    ("--eps", "optim", "eps", dict(type=float, help="AdamW eps (default 1e-6 ViT, 1e-8 ResNet)")),
-    ("--grad-clip-norm", "optim", "grad_clip_norm", dict(type=float, help="clip the gradient norm to this")),
+    ("--min-lr", "optim", "min_lr", dict(type=non_negative, default=0.0, help="learning rate at the end of the cosine")),
+    ("--beta1", "optim", "beta1", dict(type=finite, help="AdamW beta1 (default 0.9)")),
+    ("--beta2", "optim", "beta2", dict(type=finite, help="AdamW beta2 (default 0.98 ViT, 0.999 ResNet)")),
+    ("--eps", "optim", "eps", dict(type=positive, help="AdamW eps (default 1e-6 ViT, 1e-8 ResNet)")),
+    ("--grad-clip-norm", "optim", "grad_clip_norm", dict(type=positive, help="clip the gradient norm to this")),
     ("--precision", "optim", "precision",
      dict(choices=PRECISIONS, default="auto", help="auto = amp_bf16 on GPU, fp32 on CPU")),
     ("--accum-freq", "optim", "accum_freq",
@@ -61,7 +95,7 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
     ("--save-every", "run", "save_every", dict(type=int, default=1000, help="checkpoint every N steps")),
     ("--keep", "run", "keep", dict(type=int, default=3, help="step checkpoints to keep")),
     ("--resume", "run", "resume", dict(help="'latest' or a checkpoint path")),
-    ("--max-seconds", "run", "max_seconds", dict(type=float, help="stop cleanly after this wall-clock time")),
+    ("--max-seconds", "run", "max_seconds", dict(type=positive, help="stop cleanly after this wall-clock time")),
     ("--log-every", "run", "log_every", dict(type=int, default=10, help="flush metrics every N steps")),
     ("--tensorboard", "run", "tensorboard", dict(action="store_true", help="also log to OUT/tensorboard")),
     ("--no-progress", "run", "progress", dict(action="store_false", help="no progress bar")),
@@ -101,9 +135,16 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip.cli import CLIError
     from clip.train.loop import train
 
-    result = train(config_from_args(args))
+    try:
+        result = train(config_from_args(args))
+    except OSError as err:  # a write or read the library did not expect to fail: one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        raise CLIError(f"{where}{err.strerror or err}") from err
+    for note in result.notes:
+        print(note, file=sys.stderr)
     if result.checkpoint is not None:  # rank 0 reports
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items())) or "none"
         loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"

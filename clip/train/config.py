@@ -118,8 +118,15 @@ class OptimConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _positive(self, "lr", "accum_freq")
         _non_negative(self, "wd", "warmup", "min_lr")
-        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
-            raise ValueError(f"grad_clip_norm must be positive, got {self.grad_clip_norm}")
+        _finite(self, "beta1", "beta2", "eps", "grad_clip_norm")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        for name in ("eps", "grad_clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,8 @@ class RunConfig:
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         _positive(self, "save_every", "keep", "log_every")
-        if self.max_seconds is not None and self.max_seconds <= 0:
+        _finite(self, "max_seconds")
+        if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -199,13 +207,23 @@ def _tuple_field(obj: Any, name: str) -> None:
         object.__setattr__(obj, name, tuple(float(v) for v in value))
 
 
-def _positive(obj: Any, *names: str) -> None:
+def _finite(obj: Any, *names: str) -> None:
+    """Float fields that are set must be finite: inf or NaN would train to NaN and still exit 0."""
     for name in names:
-        if getattr(obj, name) <= 0:
+        value = getattr(obj, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    _finite(obj, *names)
+    for name in names:
+        if not getattr(obj, name) > 0:  # `not >` also refuses NaN
             raise ValueError(f"{name} must be positive, got {getattr(obj, name)}")
 
 
 def _non_negative(obj: Any, *names: str) -> None:
+    _finite(obj, *names)
     for name in names:
-        if getattr(obj, name) < 0:
+        if not getattr(obj, name) >= 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(obj, name)}")

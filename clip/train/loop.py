@@ -24,6 +24,7 @@ import torch
 from clip.config import CLIPConfig
 from clip.model import CLIP
 from clip.train import checkpoint as ckpt_io
+from clip.train import rundir
 from clip.train.build import apply_locks, build_model, build_stream, build_val_dataset, load_model_config
 from clip.train.config import TrainConfig
 from clip.train.distributed import (
@@ -54,7 +55,9 @@ SKIP_REASONS = (
     "unreadable_image",
     "empty_caption",
     "missing_caption",
+    "unreadable_caption",
     "unreadable_shard_entry",
+    "truncated_shard",
 )
 
 
@@ -73,6 +76,7 @@ class TrainResult:
     checkpoint: Path | None  # the final checkpoint (None on ranks other than 0)
     metrics_path: Path
     curves_path: Path | None
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the user (e.g. an output skipped)
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Run:
     val_dataset: Any = None
     on_step: Callable[[dict], None] | None = None
     t_start: float | None = None  # monotonic time this attempt's loop began
+    notes: list[str] = field(default_factory=list)
 
 
 def train(
@@ -127,7 +132,15 @@ def train(
     """
     info = init_from_env(cfg.run.device)
     try:
-        return _train(cfg, info, model, dataset, order, on_step)
+        # Rank 0 holds the run folder's lock for the whole run; the other ranks write nothing there.
+        with rundir.claim(cfg.run.output_dir, enabled=info.is_main) as removed:
+            if removed:
+                warnings.warn(
+                    f"removed {len(removed)} partial file(s) an interrupted save left in {cfg.run.output_dir} "
+                    f"({', '.join(sorted(p.name for p in removed)[:3])}{', ...' if len(removed) > 3 else ''})",
+                    stacklevel=2,
+                )
+            return _train(cfg, info, model, dataset, order, on_step)
     finally:
         shutdown(info)
 
@@ -162,7 +175,7 @@ def _train(
     return TrainResult(
         model=run.inner.clip, step=run.step, epoch=run.epoch, loss=run.last_loss, skipped=dict(run.skipped),
         stopped_early=stopped, elapsed_s=run.elapsed_before + _elapsed(run), output_dir=out, checkpoint=final,
-        metrics_path=run.log.path, curves_path=curves,
+        metrics_path=run.log.path, curves_path=curves, notes=run.notes,
     )  # fmt: skip
 
 
@@ -209,9 +222,7 @@ def _setup(
         param_groups(inner, o.wd), lr=o.lr, **adam_hparams(model.config.vision.kind, o.beta1, o.beta2, o.eps),
         fused=info.device.type == "cuda",
     )  # fmt: skip
-    position = saved["data_position"]["ranks"][info.rank] if saved else None
-    if saved and len(saved["data_position"]["ranks"]) != info.world_size and position["kind"] == "wds":
-        raise ValueError("resume a WebDataset run with the same number of processes it was saved with")
+    position = _resume_position(cfg, info, saved) if saved else None
     stream = build_stream(cfg, model.config, info, dataset=dataset, order=order, position=position)
     total = cfg.run.steps if cfg.run.steps is not None else cfg.run.epochs * stream.steps_per_epoch
     if o.warmup >= total:
@@ -233,6 +244,43 @@ def _setup(
         _restore(run, saved)
     log.write_config(_resolved(run, precision))
     return run
+
+
+def _resume_position(cfg: TrainConfig, info: DistInfo, saved: dict) -> dict:
+    """This rank's data position in the checkpoint, carried over to the current global batch size.
+
+    A map-style position counts global batches of the saved size; with another size (batch, accum or number
+    of processes) the epoch goes on from the same sample, rounded down to a whole new batch, and a warning says
+    so. A WebDataset position counts each worker's batches, so it only holds for the same layout.
+    """
+    ranks = saved["data_position"]["ranks"]
+    args = saved.get("args", {})
+    old_batch = args.get("data", {}).get("batch_size", cfg.data.batch_size)
+    old_global = old_batch * args.get("optim", {}).get("accum_freq", 1) * saved.get("world_size", len(ranks))
+    new_global = cfg.data.batch_size * cfg.optim.accum_freq * info.world_size
+    if ranks[0]["kind"] == "wds":
+        if len(ranks) != info.world_size:
+            raise ValueError("resume a WebDataset run with the same number of processes it was saved with")
+        if old_batch != cfg.data.batch_size:
+            raise ValueError(
+                f"resume a WebDataset run with the --batch-size it was saved with ({old_batch}, not "
+                f"{cfg.data.batch_size}): its position counts batches of that size"
+            )
+        return ranks[info.rank]
+    position = dict(ranks[0])  # map-style positions are the same on every rank
+    if old_global != new_global:
+        sample = int(position["batch"]) * old_global
+        position["batch"] = sample // new_global
+        if info.is_main:
+            warnings.warn(
+                f"resuming with a global batch of {new_global} samples (--batch-size {cfg.data.batch_size} x "
+                f"--accum-freq {cfg.optim.accum_freq} x {info.world_size} process(es)) where the checkpoint used "
+                f"{old_global}: epoch {position['epoch']} goes on from sample {position['batch'] * new_global} "
+                f"(it had reached {sample}), the step count and learning-rate schedule go on from step "
+                f"{saved['step']}, and the run no longer equals an uninterrupted one",
+                stacklevel=3,
+            )
+    return position
 
 
 def _restore(run: Run, saved: dict) -> None:
@@ -402,13 +450,21 @@ def _save(run: Run) -> None:
 
 
 def _finish_outputs(run: Run) -> Path | None:
+    """Draw curves.png from the metrics; without matplotlib (a plain install) skip it with a note, never fail
+    a finished run over a picture."""
     if not run.info.is_main:
         return None
-    from clip.train.plots import plot_curves
+    from clip.train.plots import plot_curves, plotting_available
 
     path = Path(run.cfg.run.output_dir) / CURVES_FILE
     records = read_metrics(run.log.path)
-    if records:
-        plot_curves(records, path)
-        return path
-    return None
+    if not records:
+        return None
+    if not plotting_available():
+        run.notes.append(
+            f"{CURVES_FILE} skipped: it needs matplotlib, which the training extra installs: "
+            "pip install 'clipforge[train]'"
+        )
+        return None
+    plot_curves(records, path)
+    return path

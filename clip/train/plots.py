@@ -9,6 +9,15 @@ from typing import Any
 from clip.io import atomic_path
 
 
+def plotting_available() -> bool:
+    """True when matplotlib can be imported (it comes with the `train`, `eval` and `demo` extras)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """Three panels (loss, lr, logit scale = 1 / temperature) written atomically as a PNG."""
     import matplotlib
