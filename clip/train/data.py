@@ -132,7 +132,7 @@ class PairDataset:
         from clip.tokenizer import tokenize
 
         text = self.caption(index)
-        img = load_image(self.image_paths[index])
+        img = load_image(self.image_paths[index], exif=True)  # upright, as clip index and clip eval see it
         if self.augment:
             image = self.crop()(img, np.random.default_rng([self.seed, epoch, index]))
         else:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from clip.evaluation import metrics
 from clip.model import CLIP
 from clip.train.data import get_item
 
@@ -16,18 +17,21 @@ def retrieval_recall(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> 
     """Recall@k both ways for paired data: similarity [N, N] with image i matching text i.
 
     image_to_text_R@k: fraction of images whose own caption is among their k most similar texts (and the
-    reverse for text_to_image). Ties count against the pair (the rank is the number of strictly better items).
+    reverse for text_to_image). Ranks come from `clip.evaluation.metrics`, where ties count against the pair,
+    so a collapsed model that scores everything alike gets no credit.
     """
     n = similarity.shape[0]
     if similarity.shape != (n, n):
         raise ValueError(f"similarity must be square [N, N], got {tuple(similarity.shape)}")
-    diag = similarity.diagonal()
-    rank_i2t = (similarity > diag[:, None]).sum(dim=1)  # [N] texts scored above the true one
-    rank_t2i = (similarity > diag[None, :]).sum(dim=0)  # [N] images scored above the true one
+    pairs = torch.arange(n, device=similarity.device)  # caption j belongs to image j
+    ranks = {
+        "image_to_text": metrics.image_to_text_ranks(similarity, pairs),
+        "text_to_image": metrics.text_to_image_ranks(similarity, pairs),
+    }
     out = {}
     for k in ks:
-        out[f"image_to_text_R@{k}"] = (rank_i2t < k).float().mean().item()
-        out[f"text_to_image_R@{k}"] = (rank_t2i < k).float().mean().item()
+        for direction, r in ranks.items():
+            out[f"{direction}_R@{k}"] = metrics.recall_at_k(r, (k,))[k]
     return out
 
 

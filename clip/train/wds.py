@@ -19,12 +19,13 @@ import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from clip.preprocess import RandomResizedCrop
-from clip.train.data import Batch, collate
+from clip.train.data import Batch, SampleError, collate
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -33,7 +34,13 @@ REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 def expand_sources(spec: str) -> list[list[str]]:
     """'a/{000..009}.tar::b/{0..3}.tar' -> one list of shard URLs per '::'-separated source (braces expanded)."""
-    from webdataset.shardlists import expand_urls
+    try:
+        from webdataset.shardlists import expand_urls
+    except ImportError:
+        raise ValueError(
+            f"--train-data {spec!r} names WebDataset shards, which need the webdataset package that the "
+            "training extra installs: pip install 'clipforge[train]'"
+        ) from None
 
     sources = [expand_urls(part) for part in spec.split("::")]
     if not all(sources):
@@ -55,22 +62,45 @@ def is_webdataset(spec: str) -> bool:
 
 
 def decode_caption(raw: dict) -> str:
+    """The caption of a raw sample: its .txt, else the "caption" (or "text") string of its .json.
+
+    Raises SampleError: "missing_caption" (neither file), "unreadable_caption" (bad JSON, not an object, or a
+    caption that is not a string).
+    """
+    key = raw.get("__key__")
     if "txt" in raw:
         return raw["txt"].decode("utf-8", errors="replace")
-    if "json" in raw:
+    if "json" not in raw:
+        raise SampleError("missing_caption", f"sample {key!r} has no .txt or .json caption")
+    try:
         meta = json.loads(raw["json"])
-        return str(meta.get("caption") or meta.get("text") or "")
-    return ""
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise SampleError("unreadable_caption", f"sample {key!r}: .json is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise SampleError(
+            "unreadable_caption", f"sample {key!r}: .json holds a {type(meta).__name__}, not an object"
+        )
+    caption = meta.get("caption") or meta.get("text") or ""
+    if not isinstance(caption, str):
+        raise SampleError("unreadable_caption", f"sample {key!r}: its caption is a {type(caption).__name__}")
+    return caption
 
 
 def decode_sample(raw: dict, crop: RandomResizedCrop, rng: np.random.Generator, context_length: int) -> tuple:
-    """Raw tar sample -> (key, image [3, n, n], tokens [L]) or (key, skip reason)."""
-    from PIL import Image
+    """Raw tar sample -> (key, image [3, n, n], tokens [L]) or (key, skip reason).
+
+    The image gets its EXIF orientation applied, as `load_image(path, exif=True)` does for `clip index`,
+    `clip eval` and file-based training, so one photo looks the same to every command.
+    """
+    from PIL import Image, ImageOps
 
     from clip.tokenizer import tokenize
 
     key = str(raw.get("__key__"))
-    caption = decode_caption(raw)
+    try:
+        caption = decode_caption(raw)
+    except SampleError as err:
+        return key, err.reason
     if not caption.strip():
         return key, "empty_caption"
     data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
@@ -79,10 +109,71 @@ def decode_sample(raw: dict, crop: RandomResizedCrop, rng: np.random.Generator, 
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            image = crop(img, rng)
+            image = crop(ImageOps.exif_transpose(img), rng)
     except Exception:  # Pillow raises many types for corrupt data; the sample is skipped and counted
         return key, "unreadable_image"
     return key, image, tokenize([caption], context_length=context_length, truncate=True)[0]
+
+
+class _TailStream:
+    """A read-only stream wrapper that remembers how many bytes went through and the last 1 KiB of them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.total, self.tail = stream, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def complete(self) -> bool:
+        """Read what tar left unread (end-of-archive padding, bounded); True when the archive ended properly.
+
+        A tar archive ends with two zero 512-byte blocks, so a file cut short anywhere (even between members,
+        where the tar reader would just stop and lose the rest silently) lacks them.
+        """
+        for _ in range(64):  # 64 x 16 KiB: more than any record padding; stop checking beyond that
+            if not self.read(16384):
+                break
+        else:
+            return True
+        return self.total % 512 == 0 and len(self.tail) == 1024 and not any(self.tail)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __getattr__(self, name: str) -> Any:  # anything else the tar reader asks of the stream (name, ...)
+        return getattr(self.stream, name)
+
+
+def _checked_streams(sources: Iterator[dict], errors: Counter) -> Iterator[dict]:
+    """Pass opened shards on with a `_TailStream`; count each one that ends without its end-of-archive blocks.
+
+    The check of a shard runs when the tar reader asks for the next one (or the sources end), i.e. after it
+    has read everything it could from it.
+    """
+    last: _TailStream | None = None
+    for source in sources:
+        if last is not None and not last.complete():
+            errors["truncated_shard"] += 1
+        last = source["stream"] = _TailStream(source["stream"])
+        yield source
+    if last is not None and not last.complete():
+        errors["truncated_shard"] += 1
+
+
+def shard_samples(urls: Iterator[dict], errors: Counter) -> Iterator[dict]:
+    """Raw samples ({"__key__", ext: bytes, ...}) of the shards in `urls`; broken members and truncated
+    shards are counted in `errors` (unreadable_shard_entry, truncated_shard) and reading goes on."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    def handler(exn: Exception) -> bool:
+        errors["unreadable_shard_entry"] += 1  # a broken tar member or shard: count it and read on
+        return True
+
+    streams = _checked_streams(url_opener(urls, handler=handler), errors)
+    return group_by_keys(tar_file_expander(streams, handler=handler), handler=handler)
 
 
 def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -149,20 +240,13 @@ class WebDatasetEpoch(torch.utils.data.IterableDataset):
             yield {"url": urls[perm[k]]}
 
     def __iter__(self) -> Iterator[Batch]:
-        from webdataset.tariterators import tarfile_samples
-
         info = torch.utils.data.get_worker_info()
         physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (physical + self.shift) % workers
         gworker, gworkers = self.rank * workers + worker, self.world * workers
         errors: Counter[str] = Counter()
-
-        def handler(exn: Exception) -> bool:
-            errors["unreadable_shard_entry"] += 1  # a broken tar member or shard: count it and read on
-            return True
-
         streams = [
-            iter(tarfile_samples(self._urls(urls, s, worker, gworker, gworkers), handler=handler))
+            iter(shard_samples(self._urls(urls, s, worker, gworker, gworkers), errors))
             for s, urls in enumerate(self.sources)
         ]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
@@ -170,7 +254,13 @@ class WebDatasetEpoch(torch.utils.data.IterableDataset):
         raw = _shuffle(raw, self.shuffle_buffer, rng)
         crop = RandomResizedCrop(self.resolution, scale=self.crop_scale, **_norm(self.mean, self.std))
         skip = self.skip[worker] if worker < len(self.skip) else 0
+        # Each batch is held back until the next chunk has been read, so that shard errors met while reading
+        # (a truncated last shard, say) are counted on a batch instead of being lost after the final one.
+        pending: Batch | None = None
         for batch_no, chunk in enumerate(_chunks(raw, self.batch_size)):
+            if pending is not None:
+                yield _with_errors(pending, errors)
+                pending = None
             if batch_no < skip:
                 continue
             items = [
@@ -178,10 +268,17 @@ class WebDatasetEpoch(torch.utils.data.IterableDataset):
                               self.context_length)
                 for i, s in enumerate(chunk)
             ]  # fmt: skip
-            batch = collate(items, epoch=self.epoch, batch_no=batch_no, worker=worker)
-            batch.skipped.update({k: batch.skipped.get(k, 0) + v for k, v in errors.items()})
-            errors.clear()
-            yield batch
+            pending = collate(items, epoch=self.epoch, batch_no=batch_no, worker=worker)
+        if pending is not None:
+            yield _with_errors(pending, errors)
+        elif errors:  # nothing readable at all in this worker's share: report the errors in an empty batch
+            yield Batch(None, None, [], dict(errors), self.epoch, skip, worker)
+
+
+def _with_errors(batch: Batch, errors: Counter) -> Batch:
+    batch.skipped.update({k: batch.skipped.get(k, 0) + v for k, v in errors.items()})
+    errors.clear()
+    return batch
 
 
 def _norm(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> dict:
