@@ -125,7 +125,13 @@ def _train_data(cfg: DemoConfig) -> tuple[EmojiData, EmojiPairs]:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Train, evaluate, and write the report; returns what results.json holds."""
     from clip.train import DataConfig, ModelSpec, OptimConfig, RunConfig, TrainConfig, train
+    from clip.train.plots import plotting_available
 
+    if not plotting_available():  # say so now, not after ten minutes of training
+        raise ValueError(
+            "clip demo draws curves.png and examples.png with matplotlib, which is not installed: "
+            "pip install 'clipforge[demo]'"
+        )
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from clip.cli import CLIError
-from clip.io import atomic_write_json
+from clip.io import atomic_write_json, check_output_file
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +89,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lp.set_defaults(func=run_linear_probe)
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse a bad --output (a folder, a path under a file) before any model is loaded or image read."""
+    if args.output:
+        check_output_file(args.output, "--output")
+
+
+def _unreadable_folders(summary: list[str], *datasets: Any) -> list[dict[str, str]]:
+    """Report entries for the folders that could not be listed (their images were never seen)."""
+    entries = [e for ds in datasets for e in ds.unreadable]
+    if entries:
+        summary.append(
+            f"{len(entries)} unreadable folder(s) left out, e.g. {entries[0]['folder']} ({entries[0]['error']})"
+        )
+    return entries
+
+
 def _finish(args: argparse.Namespace, results: dict[str, Any], summary: list[str]) -> int:
     if args.output:
         atomic_write_json(args.output, results)
@@ -116,7 +132,8 @@ def _confusion_png(args: argparse.Namespace, result: Any, classnames: list[str])
         import matplotlib  # noqa: F401
     except ImportError:
         print(
-            "confusion-matrix PNG skipped: matplotlib is not installed (pip install matplotlib)",
+            "confusion-matrix PNG skipped: it needs matplotlib, which the evaluation extra installs: "
+            "pip install 'clipforge[eval]'",
             file=sys.stderr,
         )
         return None
@@ -136,6 +153,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from clip.zeroshot import zero_shot_classifier
 
     start = time.perf_counter()
+    _check_output(args)
     classnames = read_classnames(args.classnames) if args.classnames else None
     dataset = load_labeled_images(args.data, classnames, split=args.split)
     templates = resolve_templates(args.templates, default=dataset.templates or "simple")
@@ -179,6 +197,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         f"top-1 {result.topk[1]:.4f}  top-5 {result.topk[5]:.4f}  "
         f"mean per-class recall {result.mean_per_class_recall:.4f}",
     ]
+    results["unreadable_folders"] = _unreadable_folders(summary, dataset)
     if png:
         summary.append(f"confusion matrix: {png}")
     return _finish(args, results, summary)
@@ -190,6 +209,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     from clip.tokenizer import tokenize
 
     start = time.perf_counter()
+    _check_output(args)
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"no such caption CSV: {args.data}")
     pairs = load_caption_csv(args.data)
@@ -225,6 +245,7 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     from clip.evaluation.linear_probe import linear_probe
 
     start = time.perf_counter()
+    _check_output(args)
     classnames = read_classnames(args.classnames) if args.classnames else None
     train = load_labeled_images(args.train, classnames, split="train")
     test = load_labeled_images(args.test, classnames, split="test")
@@ -274,4 +295,5 @@ def run_linear_probe(args: argparse.Namespace) -> int:
         f"classes, {n_skipped} unreadable images skipped",
         f"top-1 {result.top1:.4f}  (C = {result.c:.3g}, chosen on a {args.val_fraction:.0%} validation split)",
     ]
+    results["unreadable_folders"] = _unreadable_folders(summary, train, test)
     return _finish(args, results, summary)

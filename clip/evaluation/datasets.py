@@ -51,6 +51,9 @@ class LabeledImages:
     classnames: list[str]
     description: str
     templates: list[str] | None = None
+    unreadable: list[dict[str, str]] = field(
+        default_factory=list
+    )  # [{"folder", "error"}] left out of `sources`
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -81,20 +84,44 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
 
 
 def load_image_folder(root: str | os.PathLike) -> LabeledImages:
-    """`root/<class>/**/<image>`: classes sorted by folder name, underscores read as spaces."""
+    """`root/<class>/**/<image>`: classes sorted by folder name, underscores read as spaces.
+
+    A folder that cannot be listed (permissions, I/O error) is left out and recorded in `unreadable`, so the
+    report can say which images were never seen instead of silently scoring without them.
+    """
     root = Path(root)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise ValueError(f"cannot list image folder {root}: {err.strerror or err}") from None
     if not class_dirs:
         raise ValueError(f"{root} has no class sub-folders; lay images out as {root}/<class name>/*.jpg")
     sources: list[ImageSource] = []
     labels: list[int] = []
+    unreadable: list[dict[str, str]] = []
     for label, folder in enumerate(class_dirs):
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = _image_files(folder, unreadable)
         sources += [str(p) for p in files]
         labels += [label] * len(files)
     classnames = [d.name.replace("_", " ") for d in class_dirs]
     _check_not_empty(sources, f"image folder {root}")
-    return LabeledImages(sources, labels, classnames, f"image folder {root}")
+    return LabeledImages(sources, labels, classnames, f"image folder {root}", unreadable=unreadable)
+
+
+def _image_files(folder: Path, unreadable: list[dict[str, str]]) -> list[Path]:
+    """Image files under `folder`, recursively (symlinked folders not followed), in sorted order; folders that
+    cannot be listed are appended to `unreadable`."""
+
+    def failed(err: OSError) -> None:
+        unreadable.append({"folder": str(err.filename or folder), "error": err.strerror or str(err)})
+
+    files = []
+    for top, _, names in os.walk(folder, onerror=failed):
+        for name in names:
+            path = Path(top) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                files.append(path)
+    return sorted(files)
 
 
 def _read_csv(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
@@ -300,7 +327,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
         src = self.sources[i]
         try:
-            img = Image.fromarray(src) if isinstance(src, np.ndarray) else load_image(src)
+            # EXIF orientation applied, as `clip index` and training do: one photo looks the same to every command
+            img = Image.fromarray(src) if isinstance(src, np.ndarray) else load_image(src, exif=True)
             return i, self.transform(img), None
         except (ValueError, OSError) as err:  # load_image raises ValueError for every unreadable file
             return i, None, str(err)
