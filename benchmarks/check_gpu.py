@@ -4,7 +4,7 @@ runs this first). Each check prints one JSON line with what it measured; a faile
     python benchmarks/check_gpu.py            # needs CUDA; open_clip_torch for the parity check
 
 Checks: features vs open_clip on the GPU (fp32, and bf16 autocast vs fp32); fp16 weights
-(`convert_weights_to_lp`) vs fp32; the host-side text cut vs the full context on the GPU; one training step's
+(`convert_weights`) vs fp32; the host-side text cut vs the full context on the GPU; one training step's
 loss and gradients on the GPU vs the CPU; the autograd all-gather on a one-rank NCCL group.
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from clip.config import get_config
 from clip.loading import build_model
-from clip.model import CLIP, convert_weights_to_lp
+from clip.model import CLIP, convert_weights
 
 
 def report(name: str, **values) -> None:
@@ -69,7 +69,7 @@ def check_fp16_weights(device: torch.device) -> None:
     model = CLIP(get_config("ViT-B/32")).eval().to(device)
     images, texts = sample_inputs(model, 8, device)
     ref_img, ref_txt = model.encode_image(images), model.encode_text(texts)
-    convert_weights_to_lp(model, torch.float16)
+    convert_weights(model, torch.float16)
     img, txt = model.encode_image(images), model.encode_text(texts)
     cos_img = float(F.cosine_similarity(img.float(), ref_img, dim=-1).min())
     cos_txt = float(F.cosine_similarity(txt.float(), ref_txt, dim=-1).min())

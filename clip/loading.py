@@ -1,181 +1,176 @@
-"""Reading and writing weights in every supported format, and `clip.load`.
+"""`clip.load` and the model-file API: resolve a name or path, read it, build the model, save it.
 
-Formats read (recognised from content and key patterns, never from a file name):
-  * OpenAI TorchScript archives (the released `*.pt` files);
-  * OpenAI-layout / OpenCLIP state dicts, bare or inside a training checkpoint
-    (`{"state_dict": ...}`, `module.` prefixes), as `.pt`/`.bin` pickles or `.safetensors`;
-  * Hugging Face `CLIPModel` folders (`config.json` + `model.safetensors` or `pytorch_model.bin`);
-  * this project's checkpoints (`{"config": ..., "state_dict": ...}`, or safetensors with the
-    config in its metadata).
-Pickles are read with `torch.load(weights_only=True)`, so nothing in a weights file can run
-Python code.  TorchScript archives are read by the TorchScript loader, which executes no Python.
+Where the architecture comes from, in order (never a silent guess):
+  1. `arch=NAME` given by the caller (a registry name: OpenAI's, OpenCLIP's, ours);
+  2. the file's own metadata (this project's checkpoints and safetensors, Hugging Face and OpenCLIP
+     Hub folders), or an OpenCLIP `open_clip_config.json` beside the weights;
+  3. tensor shapes, only where they decide it: OpenAI's nine architectures (OpenAI's TorchScript
+     releases say QuickGELU; a bare state dict needs `quick_gelu=` since shapes cannot tell).
+Anything else is an error that says which of these to supply.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clip.config import CLIPConfig
-from clip.convert import (
-    StateDict,
-    config_to_hf_config,
-    hf_config_to_config,
-    hf_to_openai,
-    infer_config,
-    is_hf_state_dict,
-    normalize_openai_state_dict,
-    openai_to_hf,
-)
+from clip.convert import StateDict, config_to_hf_config, infer_config, openai_to_hf
+from clip.formats import SAFETENSORS_CONFIG_KEY, Reading, read
 from clip.io import atomic_path, atomic_torch_save, atomic_write_json
-from clip.model import CLIP, convert_weights_to_lp
-
-SAFETENSORS_CONFIG_KEY = "clip_config"
+from clip.model import CLIP, convert_weights, interpolate_positions
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+@dataclass
+class Resolved:
+    """A weights file or folder, understood: config, our-layout state dict, where its tokenizer lies."""
+
+    config: CLIPConfig
+    state_dict: StateDict
+    format: str
+    tokenizer_dir: Path | None = None
 
 
-def _torch_load(path: Path) -> Any:
+def _shape_config(reading: Reading, path: Path, quick_gelu: bool | None) -> CLIPConfig:
+    from clip.registry import OPENAI_NAMES, get
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for bad files; report them as one
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "Weights only load failed" in str(err):
-            msg = "it holds Python objects other than tensors and plain containers, refused for safety"
+        candidate = infer_config(reading.state_dict, quick_gelu=True)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    openai = [n for n in OPENAI_NAMES if get(n).replace(quick_gelu=True) == candidate]
+    hint = "pass arch=NAME (`clip models` lists them; e.g. arch='ViT-H-14'), or keep OpenCLIP's open_clip_config.json beside it"
+    if not openai:
         raise ValueError(
-            f"cannot read checkpoint {path}: {msg}. The file may be truncated or not a PyTorch checkpoint; "
-            "re-download or re-export it"
-        ) from None
-
-
-def _read_safetensors(path: Path) -> tuple[StateDict, CLIPConfig | None]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read safetensors file {path}: {err}; it may be truncated") from None
-    cfg = CLIPConfig.from_json(meta[SAFETENSORS_CONFIG_KEY]) if SAFETENSORS_CONFIG_KEY in meta else None
-    return sd, cfg
-
-
-def _read_hf_folder(folder: Path) -> tuple[StateDict, CLIPConfig]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} is a folder but has no config.json; expected a Hugging Face CLIPModel"
+            f"{path} ({reading.format}) does not record its architecture, and its tensor shapes do not decide it "
+            f"(head count, options): {hint}"
         )
-    cfg = hf_config_to_config(json.loads(cfg_path.read_text()))
-    if (folder / "model.safetensors").is_file():
-        sd, _ = _read_safetensors(folder / "model.safetensors")
-    elif (folder / "pytorch_model.bin").is_file():
-        sd = _torch_load(folder / "pytorch_model.bin")
-    else:
-        raise FileNotFoundError(
-            f"{folder} has config.json but neither model.safetensors nor pytorch_model.bin"
+    if quick_gelu is None and not reading.quick_gelu_known:
+        raise ValueError(
+            f"{path} ({reading.format}) has the shapes of OpenAI's {openai[0]} but does not say whether it runs "
+            "QuickGELU (OpenAI's weights, OpenCLIP '-quickgelu' models) or exact GELU (other OpenCLIP models): "
+            "pass quick_gelu=True or False (clip convert --quick-gelu yes|no), or arch=NAME"
         )
-    return hf_to_openai(sd), cfg
+    return candidate.replace(quick_gelu=True if quick_gelu is None else quick_gelu)
 
 
-def _unwrap(obj: Any, path: Path) -> tuple[StateDict, CLIPConfig | None]:
-    """Find the state dict (and our config, if present) inside a loaded pickle."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
-    cfg = CLIPConfig.from_dict(obj["config"]) if isinstance(obj.get("config"), dict) else None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj.get(key), dict):
-            return obj[key], cfg
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, cfg
-    raise ValueError(f"{path} is a dict without tensors or a 'state_dict' entry; not a CLIP checkpoint")
+def resolve(path: str | os.PathLike, arch: str | None = None, quick_gelu: bool | None = None) -> Resolved:
+    """Read any supported weights file or folder and decide its config (see the module docstring)."""
+    from clip.registry import from_open_clip_hub, get
 
-
-def read_checkpoint(path: str | os.PathLike, quick_gelu: bool | None = None) -> tuple[CLIPConfig, StateDict]:
-    """Read any supported weights file or folder -> (config, OpenAI-layout state dict).
-
-    `quick_gelu` overrides the activation for files that do not record it (bare OpenCLIP state
-    dicts trained with exact GELU need `quick_gelu=False`); it defaults to OpenAI's QuickGELU.
-    """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint file or folder: {path}")
-    cfg: CLIPConfig | None = None
-    if path.is_dir():
-        sd, cfg = _read_hf_folder(path)
-    elif _looks_like_safetensors(path):
-        sd, cfg = _read_safetensors(path)
-    elif _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", FutureWarning
-            )  # "torch.jit is deprecated": OpenAI's files need it
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    reading = read(path)
+    if arch is not None:
+        cfg = get(arch)
+    elif reading.config is not None:
+        cfg = reading.config
+    elif reading.open_clip_config is not None:
+        cfg = from_open_clip_hub(reading.open_clip_config, str(path.parent / "open_clip_config.json"))
     else:
-        sd, cfg = _unwrap(_torch_load(path), path)
-    if is_hf_state_dict(sd):
-        sd = hf_to_openai(sd)
-    sd = normalize_openai_state_dict(sd)
-    if cfg is None:
-        cfg = infer_config(sd, quick_gelu=True if quick_gelu is None else quick_gelu)
-    elif quick_gelu is not None and quick_gelu != cfg.quick_gelu:
-        cfg = CLIPConfig.from_dict({**cfg.to_dict(), "quick_gelu": quick_gelu})
-    return cfg, sd
+        cfg = _shape_config(reading, path, quick_gelu)
+    if quick_gelu is not None and quick_gelu != cfg.quick_gelu:
+        cfg = cfg.replace(quick_gelu=quick_gelu)
+    tok_dir = reading.tokenizer_dir or (path.parent if reading.open_clip_config is not None else None)
+    return Resolved(cfg, reading.state_dict, reading.format, tok_dir)
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors: 8-byte little-endian header length, then a JSON header starting with '{'."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return int.from_bytes(head[:8], "little") < path.stat().st_size
+def read_checkpoint(
+    path: str | os.PathLike, quick_gelu: bool | None = None, arch: str | None = None
+) -> tuple[CLIPConfig, StateDict]:
+    """Read any supported weights file or folder -> (config, OpenAI-layout state dict)."""
+    r = resolve(path, arch=arch, quick_gelu=quick_gelu)
+    return r.config, r.state_dict
 
 
-def build_model(config: CLIPConfig, state_dict: StateDict) -> CLIP:
+def model_from_state_dict(config: CLIPConfig, state_dict: StateDict, source: str = "state dict") -> CLIP:
     """Build a CLIP from `config` and load `state_dict` strictly (fp32, CPU, eval mode).
 
-    The module is built on the meta device and the tensors are assigned, so no time is spent
-    on a random initialisation that would be overwritten at once.
+    The module is built on the meta device and the tensors are assigned, so no time is spent on a
+    random initialisation that would be overwritten at once.
     """
     with torch.device("meta"):
         model = CLIP(config)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    expected = model.state_dict()
     # BatchNorm's step counter is not a weight and some exporters drop it.
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_preview(unexpected)}")
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in sd and sd[k].shape != v.shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        parts = [f"{what} {_preview(keys)}" for what, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]  # fmt: skip
         raise ValueError(
-            "state dict does not match the model architecture: "
-            + "; ".join(parts)
-            + ". Is this a CLIP checkpoint?"
-        )
+            f"{source} does not match the model architecture: " + "; ".join(parts)
+            + ". Is this a CLIP checkpoint of that architecture? (arch= chooses another)"
+        )  # fmt: skip
+    model.load_state_dict(sd, strict=False, assign=True)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d) and module.num_batches_tracked.is_meta:
             module.num_batches_tracked = torch.zeros((), dtype=torch.long)
     return model.eval()
 
 
+build_model = model_from_state_dict  # the name earlier releases of this project used
+
+
 def _preview(keys: list[str], n: int = 6) -> str:
     shown = ", ".join(keys[:n])
     return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
+
+
+def resize_image_size(config: CLIPConfig, sd: StateDict, image_size: int) -> tuple[CLIPConfig, StateDict]:
+    """Another input resolution for a ViT: position embeddings resampled bicubically (OpenCLIP's force_image_size)."""
+    v = config.vision
+    if image_size == v.image_size:
+        return config, sd
+    if v.kind != "vit":
+        raise ValueError(
+            "image_size= changes the resolution of ViT models only; a ResNet's attention pool is fixed"
+        )
+    new = config.replace(vision={"image_size": image_size})
+    pos = sd["visual.positional_embedding"]
+    prefix = 1 if v.class_token else 0
+    sd = dict(
+        sd, **{"visual.positional_embedding": interpolate_positions(pos, prefix, (new.vision.grid,) * 2)}
+    )
+    return new, sd
+
+
+def _resolve_name(
+    name: str, pretrained: str | None, download_root: str | None
+) -> tuple[Path, str | None, Any]:
+    """A model name, 'arch/tag', 'hf-hub:org/repo' or a path -> (local path, arch, tag config)."""
+    from clip import hub
+    from clip.registry import all_configs
+
+    if name.startswith("hf-hub:"):
+        return hub.download_hf_hub(name[len("hf-hub:") :], download_root), None, None
+    if name in hub.available_models() and pretrained in (None, "openai"):
+        return hub.download(name, download_root), None, None
+    if pretrained is None and "/" in name and name.rsplit("/", 1)[0] in all_configs():
+        name, pretrained = name.rsplit("/", 1)
+    if pretrained is not None:
+        from clip.pretrained import get_pretrained_cfg
+
+        tag = get_pretrained_cfg(name, pretrained)
+        return hub.download_pretrained(name, pretrained, download_root), name, tag
+    if os.path.exists(name):
+        return Path(name), None, None
+    if name in all_configs():
+        raise ValueError(
+            f"{name!r} is an architecture without weights of its own: pass pretrained=TAG "
+            "(`clip models` lists the tags), a checkpoint path, or build it untrained with clip.CLIP(clip.get_config(name))"
+        )
+    raise ValueError(
+        f"model {name!r} is neither a known model nor an existing path; available models: "
+        f"{', '.join(hub.available_models())} (and OpenCLIP names with pretrained=TAG; see `clip models`)"
+    )
 
 
 def load(
@@ -184,33 +179,36 @@ def load(
     jit: bool = False,
     download_root: str | None = None,
     *,
+    arch: str | None = None,
+    pretrained: str | None = None,
     quick_gelu: bool | None = None,
+    image_size: int | None = None,
 ) -> tuple[CLIP, Any]:
     """openai/CLIP's `clip.load`: a model name or a path -> (model in eval mode, preprocess).
 
-    On CUDA the weights are cast to fp16 as openai/CLIP does (LayerNorm still computes in fp32);
-    on CPU they stay fp32.  `jit=True` is accepted for compatibility and returns the eager model.
+    Also: `pretrained=TAG` with an OpenCLIP architecture name (or "ARCH/TAG"), "hf-hub:org/repo",
+    `arch=` for files that do not record their architecture, `quick_gelu=` for bare state dicts,
+    `image_size=` to run a ViT at another resolution.  On CUDA the weights are cast to fp16 as
+    openai/CLIP does (LayerNorm still computes in fp32); on CPU they stay fp32.  `jit=True` is
+    accepted for compatibility and returns the eager model.
     """
-    from clip import hub
     from clip.preprocess import image_transform
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if jit:
         warnings.warn("jit=True is not supported; returning the eager model (same outputs)", stacklevel=2)
-    if name in hub.available_models():
-        path = hub.download(name, download_root)
-    elif os.path.exists(name):
-        path = Path(name)
-    else:
-        raise ValueError(
-            f"model {name!r} is neither a known model nor an existing path; available models: "
-            f"{', '.join(hub.available_models())}"
-        )
-    cfg, sd = read_checkpoint(path, quick_gelu=quick_gelu)
-    model = build_model(cfg, sd).to(device)
+    path, tag_arch, tag = _resolve_name(name, pretrained, download_root)
+    r = resolve(path, arch=arch or tag_arch, quick_gelu=quick_gelu)
+    cfg, sd = r.config, r.state_dict
+    if tag is not None:
+        cfg = tag.apply(cfg)
+    if image_size is not None:
+        cfg, sd = resize_image_size(cfg, sd, image_size)
+    model = model_from_state_dict(cfg, sd, source=str(path)).to(device)
+    model.tokenizer_dir = r.tokenizer_dir
     if torch.device(device).type == "cuda":
-        convert_weights_to_lp(model, torch.float16)
+        convert_weights(model, torch.float16)
     return model, image_transform(cfg.vision.image_size, mean=cfg.mean, std=cfg.std)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
@@ -64,37 +63,49 @@ def test_openai_attributes(tiny_model):
     assert math.isclose(tiny_model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
 
 
-def test_transformer_accepts_openai_sequence_first_layout(tiny_model):
+def test_transformer_takes_openai_sequence_first_layout(tiny_model):
     """Prompt learners (CoOp) call model.transformer on [L, N, D] tensors, as in openai/CLIP."""
     x = torch.randn(3, 32, 64)  # [N, L, D]
     with torch.no_grad():
-        nld = tiny_model.transformer(x, batch_first=True)
         lnd = tiny_model.transformer(x.permute(1, 0, 2))
-    torch.testing.assert_close(lnd.permute(1, 0, 2), nld)
+        ref = x.permute(1, 0, 2)
+        for block in tiny_model.transformer.resblocks:
+            ref = block(ref)
+    assert lnd.shape == (32, 3, 64)
+    torch.testing.assert_close(lnd, ref)
 
 
 def test_sdpa_attention_equals_plain_math():
     torch.manual_seed(0)
     attn = Attention(32, 4)
-    x = torch.randn(2, 7, 32)
+    x = torch.randn(7, 2, 32)  # [L, N, D]
     for causal in (False, True):
-        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = F.linear(x.transpose(0, 1), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         split = lambda t: t.view(2, 7, 4, 8).transpose(1, 2)  # noqa: E731  [N, H, L, hd]
         w = split(q) @ split(k).transpose(-1, -2) / math.sqrt(8)
         if causal:
             w = w.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
-        ref = attn.out_proj((w.softmax(-1) @ split(v)).transpose(1, 2).reshape(2, 7, 32))
-        torch.testing.assert_close(attn(x, causal=causal), ref)
+        ref = attn.out_proj((w.softmax(-1) @ split(v)).transpose(1, 2).reshape(2, 7, 32)).transpose(0, 1)
+        mask = clip.model.causal_mask(7) if causal else None
+        out, weights = attn(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)
+        assert weights is None
+        torch.testing.assert_close(out, ref)
 
 
 def test_multihead_attention_equivalence():
-    """Our Attention holds nn.MultiheadAttention's parameters and computes the same thing."""
+    """Our Attention is an nn.MultiheadAttention: same parameters, same results on every path."""
     torch.manual_seed(0)
-    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    mha = torch.nn.MultiheadAttention(32, 4)
     ours = Attention(32, 4)
+    assert isinstance(ours, torch.nn.MultiheadAttention)
     ours.load_state_dict(mha.state_dict())
-    x = torch.randn(2, 5, 32)
-    torch.testing.assert_close(ours(x), mha(x, x, x, need_weights=False)[0])
+    x, y = torch.randn(5, 2, 32), torch.randn(3, 2, 32)
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
+    out, w = ours(x, x, x)  # need_weights defaults to True, as in PyTorch
+    ref_out, ref_w = mha(x, x, x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(ours(y, x, x)[0], mha(y, x, x)[0])  # cross-attention: PyTorch's own path
 
 
 def test_layernorm_runs_in_fp32_for_half_inputs():
@@ -135,11 +146,11 @@ def test_load_torchscript_archive(tmp_path, tiny_model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI's files use it
         torch.jit.trace(tiny_model, (image, text), check_trace=False).save(str(tmp_path / "jit.pt"))
-        cfg, sd = read_checkpoint(tmp_path / "jit.pt")
-    # Shapes cannot tell head counts; an archive without metadata gets OpenAI's width // 64 rule.
-    assert cfg.vision.heads == 1 and cfg.text.heads == 1
-    assert dataclasses.replace(cfg.vision, heads=2) == tiny_model.config.vision
-    assert cfg.embed_dim == tiny_model.config.embed_dim
+        # Shapes cannot tell head counts: an archive that is not one of OpenAI's nine needs arch=.
+        with pytest.raises(ValueError, match="arch="):
+            read_checkpoint(tmp_path / "jit.pt")
+        cfg, sd = read_checkpoint(tmp_path / "jit.pt", arch="ViT-Tiny/8@32px")
+    assert cfg == tiny_model.config
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, sd[k])
 

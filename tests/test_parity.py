@@ -56,7 +56,9 @@ def test_open_clip_state_dict_loads_and_matches(tmp_path, ours, theirs, wrap):
     if wrap:  # an OpenCLIP training checkpoint: DDP prefixes inside {"state_dict": ...}
         sd = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}
     torch.save(sd, tmp_path / "ckpt.pt")
-    model, preprocess = clip.load(str(tmp_path / "ckpt.pt"), device="cpu")
+    with pytest.raises(ValueError, match="quick_gelu=True or False"):  # shapes cannot tell the activation
+        clip.load(str(tmp_path / "ckpt.pt"), device="cpu")
+    model, preprocess = clip.load(str(tmp_path / "ckpt.pt"), device="cpu", quick_gelu=True)
     assert model.config.vision.kind == registry()[ours].vision.kind
     assert model.config == registry()[ours]
     size = model.visual.input_resolution

@@ -1,0 +1,163 @@
+"""The ViT image tower: openai/CLIP's `VisionTransformer`, with OpenCLIP's and SigLIP's options as config.
+
+openai/CLIP's constructor and module boundaries: `conv1`, `class_embedding`, `positional_embedding`,
+`ln_pre`, `transformer` (`[L, N, D]`), `ln_post`, `proj` (set it to None for unprojected features).
+OpenCLIP's options: average pooling, LayerNorm after pooling, no `ln_pre`, layer scale, `mlp_ratio`.
+SigLIP's: no class token, a biased patch conv, and the MAP attention-pool head (`head`) in place of
+the class token and projection.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip.model.layers import Attention, LayerNorm, Transformer, make_act
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (SigLIP): a learned probe attends over all tokens, then an MLP.
+
+    x: [N, L, D] -> [N, D].  pooled = a + mlp(ln(a)) with a = attention(probe, x, x).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
+                 quick_gelu: bool = False, gelu_approximate: str = "none") -> None:  # fmt: skip
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.attn = Attention(width, heads, batch_first=True)
+        self.ln = LayerNorm(width, eps=norm_eps)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", make_act(quick_gelu, gelu_approximate)),
+                         ("c_proj", nn.Linear(hidden, width))])
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.to(x.dtype).expand(x.shape[0], -1, -1)  # [N, 1, D]
+        a = self.attn(probe, x, x, need_weights=False)[0]
+        return (a + self.mlp(self.ln(a)))[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patchify, (class token), Transformer on `[L, N, D]`, pool, project.
+
+    forward: image [N, 3, H, W] -> features [N, output_dim].  Inputs of another size than
+    `input_resolution` need `interpolate_pos_encoding=True` (bicubic, as Hugging Face does).
+    """
+
+    def __init__(
+        self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+        *, quick_gelu: bool = True, mlp_ratio: float = 4.0, ls_init_value: float | None = None,
+        no_ln_pre: bool = False, pool_type: str = "tok", final_ln_after_pool: bool = False,
+        class_token: bool = True, patch_bias: bool = False, proj: bool = True, norm_eps: float = 1e-5,
+        gelu_approximate: str = "none",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.patch_size = patch_size
+        self.output_dim = output_dim
+        self.pool_type = pool_type
+        self.final_ln_after_pool = final_ln_after_pool
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=patch_bias)
+        scale = width**-0.5
+        grid = input_resolution // patch_size
+        self.num_prefix_tokens = 1 if class_token else 0
+        if class_token:
+            self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn(grid * grid + self.num_prefix_tokens, width)
+        )
+        self.ln_pre = nn.Identity() if no_ln_pre else LayerNorm(width, eps=norm_eps)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value, quick_gelu=quick_gelu,
+            gelu_approximate=gelu_approximate, norm_eps=norm_eps,
+        )  # fmt: skip
+        self.ln_post = LayerNorm(width, eps=norm_eps)
+        if pool_type == "map":
+            self.head = MAPHead(width, heads, mlp_ratio, norm_eps, quick_gelu, gelu_approximate)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim)) if proj else None
+
+    def embed(self, x: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """image [N, 3, H, W] -> tokens [N, L, D] (patches, class token first, positions added, ln_pre)."""
+        x = self.conv1(x)  # [N, D, gh, gw]
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [N, gh*gw, D]
+        if self.num_prefix_tokens:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
+        pos = self.positional_embedding
+        if pos.shape[0] != x.shape[1]:
+            if not interpolate_pos_encoding:
+                raise ValueError(
+                    f"image of {gh * self.patch_size}x{gw * self.patch_size} pixels does not match the model's "
+                    f"{self.input_resolution}x{self.input_resolution}; resize it, or pass interpolate_pos_encoding=True"
+                )
+            pos = interpolate_positions(pos, self.num_prefix_tokens, (int(gh), int(gw)))
+        return self.ln_pre(x + pos.to(x.dtype))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens after the transformer [N, L, D] -> pooled [N, D] (before the projection)."""
+        if self.pool_type == "map":
+            return self.head(self.ln_post(x))
+        if self.final_ln_after_pool:
+            return self.ln_post(self._global_pool(x))
+        return self._global_pool(self.ln_post(x))
+
+    def _global_pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x[:, 0]
+
+    def forward(self, x: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """x: [N, 3, H, W] -> [N, output_dim] (or [N, width] when `proj` is None)."""
+        x = self.embed(x, interpolate_pos_encoding)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD, as openai/CLIP
+        x = self.pool(x)
+        return x @ self.proj if self.proj is not None else x
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: list[int] | None = None, normalize_intermediates: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:  # fmt: skip
+        """OpenCLIP-style intermediates: image [N, 3, H, W] ->
+
+        `image_intermediates`: the outputs of blocks `indices` (default every block), each [N, L, D]
+        with the class token first (Hugging Face's `hidden_states[i + 1]`); `image_embeddings`: the
+        input of the first block [N, L, D] (`hidden_states[0]`); `image_tokens`: patch tokens of the
+        last block after `ln_post` [N, grid*grid, D]; `image_features`: the usual output.
+        """
+        tokens = self.embed(x, interpolate_pos_encoding)
+        out, hidden = self.transformer.forward_intermediates(tokens.permute(1, 0, 2), indices)
+        hidden = [h.permute(1, 0, 2) for h in hidden]
+        if normalize_intermediates:
+            hidden = [self.ln_post(h) for h in hidden]
+        out = out.permute(1, 0, 2)
+        pooled = self.pool(out)
+        return {
+            "image_embeddings": tokens,
+            "image_intermediates": hidden,
+            "image_tokens": self.ln_post(out[:, self.num_prefix_tokens :]),
+            "image_features": pooled @ self.proj if self.proj is not None else pooled,
+        }
+
+
+def interpolate_positions(pos: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Position embeddings [prefix + g*g, D] -> [prefix + gh*gw, D], bicubic over the patch grid.
+
+    Hugging Face's `interpolate_pos_encoding` and OpenCLIP's `resize_pos_embed` (used for
+    `force_image_size`) both resample the square grid bicubically without corner alignment.
+    """
+    cls, patches = pos[:prefix], pos[prefix:]
+    old = round(patches.shape[0] ** 0.5)
+    if old * old != patches.shape[0]:
+        raise ValueError(f"position embeddings of {patches.shape[0]} patches are not a square grid")
+    if (old, old) == tuple(grid):
+        return pos
+    grid_pos = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid_pos = F.interpolate(grid_pos, size=grid, mode="bicubic", align_corners=False)
+    patches = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+    return torch.cat([cls, patches], dim=0)
