@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.data",
     "clip.commands.score",
     "clip.commands.embed",
+    "clip.commands.filter",
 )
 
 
