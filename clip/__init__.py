@@ -20,6 +20,7 @@ _EXPORTS = {
     "available_models": "clip.hub",
     "tokenize": "clip.tokenizer",
     "CLIP": "clip.model",
+    "build_model": "clip.model",
     "CLIPConfig": "clip.config",
     "get_config": "clip.config",
     "image_transform": "clip.preprocess",

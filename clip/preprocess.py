@@ -221,6 +221,14 @@ class Preprocess:
         img = center_crop(resize_short_side(img, self.resolution), self.resolution)
         return _rgb_to_tensor(img, self.mean, self.std)
 
+    @property
+    def transforms(self) -> list:
+        """openai/CLIP's steps in its order (Resize, CenterCrop, convert RGB, ToTensor, Normalize), for
+        code that slices `preprocess.transforms`; composed they equal this transform exactly."""
+        from clip.transforms import openai_steps
+
+        return openai_steps(self.resolution, self.mean, self.std)
+
 
 def image_transform(
     resolution: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
