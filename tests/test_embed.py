@@ -242,3 +242,15 @@ def test_missing_pyarrow_names_the_extra(tmp_path, tiny_checkpoint, monkeypatch,
     )
     assert code == 2
     assert "pip install 'clipforge[embed]'" in capsys.readouterr().err
+
+
+def test_bf16_autocast_agrees_with_fp32(tmp_path, tiny_checkpoint, one_thread):
+    make_folder(tmp_path / "imgs", n=5)
+    common = [str(tmp_path / "imgs"), "--model", str(tiny_checkpoint), "--workers", "0", "--device", "cpu"]
+    embed([*common, "--output", str(tmp_path / "fp32")])
+    embed([*common, "--output", str(tmp_path / "bf16"), "--precision", "bf16"])
+    a = shards.load_embeddings(tmp_path / "fp32").astype(np.float32)
+    b = shards.load_embeddings(tmp_path / "bf16").astype(np.float32)
+    assert not np.array_equal(a, b)  # bf16 really ran
+    assert (a * b).sum(1).min() > 0.99
+    assert shards.read_job(tmp_path / "bf16")["precision"] == "bf16"
