@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "load": "clip.loading",
+    "get_tokenizer": "clip.loading",
     "available_models": "clip.hub",
     "tokenize": "clip.tokenizer",
     "CLIP": "clip.model",

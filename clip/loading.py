@@ -142,6 +142,44 @@ def resize_image_size(config: CLIPConfig, sd: StateDict, image_size: int) -> tup
     return new, sd
 
 
+def apply_pretrained_cfg(config: CLIPConfig, tag: Any) -> CLIPConfig:
+    """A pretrained tag's activation and preprocessing (`clip.pretrained.PretrainedCfg`) onto its config."""
+    from clip.registry import apply_preprocess_cfg
+
+    pre = tag.preprocess
+    if pre.size != config.vision.image_size:
+        raise ValueError(
+            f"{tag.name}: its weights expect {pre.size} px but {tag.arch} is {config.vision.image_size} px"
+        )
+    config = apply_preprocess_cfg(config, {"mean": pre.mean, "std": pre.std, "interpolation": pre.interpolation,
+                                           "resize_mode": pre.resize_mode})  # fmt: skip
+    return config.replace(quick_gelu=True) if tag.quick_gelu else config
+
+
+def get_tokenizer(model: CLIP, download_root: str | None = None) -> Any:
+    """The tokenizer a model was trained with: ids [N, context_length] from a text or a list of texts.
+
+    OpenAI's BPE (`clip.tokenize`, padded to the model's context length) unless the config names a
+    Hugging Face tokenizer (CLIPA, `-worldwide`, SigLIP), which is read from the `tokenizer.json` that
+    came with the weights, or fetched from the Hub into the cache when the weights came without it.
+    """
+    from clip.hf_tokenizer import TokenizerSpec
+
+    t = model.config.text
+    spec = TokenizerSpec.from_open_clip_text_cfg(
+        {"context_length": t.context_length, "hf_tokenizer_name": t.hf_tokenizer_name,
+         "tokenizer_kwargs": t.tokenizer_kwargs}
+    )  # fmt: skip
+    if spec.kind == "openai":
+        return spec.build()
+    folder = getattr(model, "tokenizer_dir", None)
+    if folder is None or not (Path(folder) / "tokenizer.json").is_file():
+        from clip.hub import download_tokenizer
+
+        folder = download_tokenizer(t.hf_tokenizer_name, download_root)
+    return spec.build(folder)
+
+
 def _resolve_name(
     name: str, pretrained: str | None, download_root: str | None
 ) -> tuple[Path, str | None, Any]:
@@ -202,7 +240,7 @@ def load(
     r = resolve(path, arch=arch or tag_arch, quick_gelu=quick_gelu)
     cfg, sd = r.config, r.state_dict
     if tag is not None:
-        cfg = tag.apply(cfg)
+        cfg = apply_pretrained_cfg(cfg, tag)
     if image_size is not None:
         cfg, sd = resize_image_size(cfg, sd, image_size)
     model = model_from_state_dict(cfg, sd, source=str(path)).to(device)
