@@ -168,37 +168,77 @@ class CLIP(nn.Module):
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD, as openai/CLIP
         return self._project_text(x, text)
 
-    def text_intermediates(self, text: torch.Tensor, indices: list[int] | None = None) -> dict[str, Any]:
-        """Hidden states of the text tower at full length.
+    def text_intermediates(
+        self, text: torch.Tensor, indices: int | list[int] | None = None, stop_early: bool = False,
+        normalize_intermediates: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Hidden states of the text tower at full length (no end-of-text cut): ids [N, L] ->
 
-        Returns `text_embeddings` [N, L, D] (Hugging Face's `hidden_states[0]`), `text_intermediates`
-        (the outputs of blocks `indices`, default all, each [N, L, D]: `hidden_states[i + 1]`),
-        `text_tokens` (the last block's output after `ln_final` [N, L, D]: HF's `last_hidden_state`)
-        and `text_features` [N, embed_dim].  The penultimate layer that diffusion pipelines use
-        ("clip skip"): `model.ln_final(model.text_intermediates(ids)["text_intermediates"][-2])`.
+        `text_embeddings` [N, L, D] (Hugging Face's `hidden_states[0]`), `text_intermediates` (the
+        outputs of blocks `indices` as in `forward_intermediates`, each [N, L, D]: `hidden_states[i + 1]`),
+        and, unless `stop_early`, `text_tokens` (after `ln_final` [N, L, D]: HF's `last_hidden_state`)
+        and `text_features` [N, embed_dim] (not normalised).  The penultimate layer that diffusion
+        pipelines use ("clip skip"): `model.ln_final(model.text_intermediates(ids, [-2])["text_intermediates"][0])`.
         """
         x = self.text_tokens(text, cut=False)
-        out, hidden = self.transformer.forward_intermediates(x.permute(1, 0, 2), indices)
-        out = out.permute(1, 0, 2)
-        return {
-            "text_embeddings": x,
-            "text_intermediates": [h.permute(1, 0, 2) for h in hidden],
-            "text_tokens": self.ln_final(out),
-            "text_features": self._project_text(out, text),
-        }
+        out, hidden = self.transformer.forward_intermediates(x.permute(1, 0, 2), indices, stop_early)
+        hidden = [h.permute(1, 0, 2) for h in hidden]  # LND -> NLD
+        if normalize_intermediates:
+            hidden = [self.ln_final(h) for h in hidden]
+        result: dict[str, Any] = {"text_embeddings": x, "text_intermediates": hidden}
+        if not stop_early:
+            out = out.permute(1, 0, 2)
+            result["text_tokens"] = self.ln_final(out)
+            result["text_features"] = self._project_text(out, text)
+        return result
 
     def forward_intermediates(
         self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
-        image_indices: list[int] | None = None, text_indices: list[int] | None = None,
+        image_indices: int | list[int] | None = None, text_indices: int | list[int] | None = None,
+        stop_early: bool = False, normalize: bool = True, normalize_intermediates: bool = False,
+        intermediates_only: bool = False, image_output_fmt: str = "NCHW", image_output_extra_tokens: bool = False,
+        text_output_fmt: str = "NLC", text_output_extra_tokens: bool = False, output_logits: bool = False,
+        output_logit_scale_bias: bool = False, interpolate_pos_encoding: bool = False,
     ) -> dict[str, Any]:  # fmt: skip
-        """OpenCLIP-style: the intermediates of whichever towers get an input (ViT image towers only)."""
+        """OpenCLIP's `CLIP.forward_intermediates`: same arguments, defaults, keys and shapes.
+
+        Intermediates of whichever towers get an input (ViT image towers only): see
+        `VisionTransformer.forward_intermediates` and `text_intermediates`.  As in OpenCLIP the final
+        `image_features` / `text_features` are L2-normalised unless `normalize=False`, and
+        `intermediates_only` returns the intermediates alone.  `image_logits` are always cosine logits
+        (OpenCLIP's, with `normalize=False`, scale unnormalised dot products).  `text_output_fmt` and
+        `text_output_extra_tokens` are accepted and ignored, as OpenCLIP does (no text class token).
+        """
+        if intermediates_only:
+            normalize, output_logits = False, False
+        if output_logits and (image is None or text is None):
+            raise ValueError("output_logits=True needs both image and text")
         out: dict[str, Any] = {}
         if image is not None:
             if not isinstance(self.visual, VisionTransformer):
                 raise ValueError("forward_intermediates supports ViT image towers; this model has a ResNet")
-            out.update(self.visual.forward_intermediates(image.to(self.dtype), image_indices))
+            out.update(self.visual.forward_intermediates(
+                image.to(self.dtype), image_indices, stop_early, normalize_intermediates, intermediates_only,
+                image_output_fmt, image_output_extra_tokens, interpolate_pos_encoding,
+            ))  # fmt: skip
         if text is not None:
-            out.update(self.text_intermediates(text, text_indices))
+            t = self.text_intermediates(
+                text, text_indices, stop_early and intermediates_only, normalize_intermediates
+            )
+            t.pop("text_tokens", None)
+            if intermediates_only:
+                t.pop("text_features", None)
+            out.update(t)
+        for key in ("image_features", "text_features"):
+            if normalize and key in out:
+                out[key] = F.normalize(out[key], dim=-1)
+        if output_logits:
+            logits = self.logits(out["image_features"], out["text_features"])
+            out["image_logits"], out["text_logits"] = logits, logits.t()
+        if output_logit_scale_bias:
+            out["logit_scale"] = self.logit_scale.exp()
+            if hasattr(self, "logit_bias"):
+                out["logit_bias"] = self.logit_bias
         return out
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -229,13 +229,40 @@ class Transformer(nn.Module):
         return x
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: list[int] | None = None
+        self, x: torch.Tensor, indices: int | list[int] | None = None, stop_early: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x: [L, N, D] -> (output [L, N, D], the outputs of blocks `indices` (default all), each [L, N, D])."""
-        wanted = set(range(self.layers)) if indices is None else {i % self.layers for i in indices}
+        """x: [L, N, D] -> (output [L, N, D], the outputs of blocks `indices`, each [L, N, D], in block order).
+
+        `indices` as OpenCLIP's and timm's: None = every block, an int n = the last n blocks, a list =
+        those blocks (negative from the end).  `stop_early` skips the blocks after the last one wanted
+        (the output is then that block's).
+        """
+        wanted = take_indices(self.layers, indices)
         hidden = []
         for i, block in enumerate(self.resblocks):
+            if stop_early and i > max(wanted):
+                break
             x = block(x)
             if i in wanted:
                 hidden.append(x)
         return x, hidden
+
+
+def take_indices(layers: int, indices: int | list[int] | None) -> set[int]:
+    """OpenCLIP's block selection: None = all, int n = the last n, list = those (negative from the end)."""
+    if indices is None:
+        return set(range(layers))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= layers:
+            raise ValueError(
+                f"indices={indices} asks for the last {indices} blocks of {layers}; use 1..{layers}"
+            )
+        return set(range(layers - indices, layers))
+    out = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -layers <= i < layers:
+            raise ValueError(
+                f"block index {i!r} is out of range for {layers} blocks; use {-layers}..{layers - 1}"
+            )
+        out.add(i % layers)
+    return out

@@ -120,29 +120,44 @@ class VisionTransformer(nn.Module):
         return x @ self.proj if self.proj is not None else x
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: list[int] | None = None, normalize_intermediates: bool = False,
-        interpolate_pos_encoding: bool = False,
+        self, x: torch.Tensor, indices: int | list[int] | None = None, stop_early: bool = False,
+        normalize_intermediates: bool = False, intermediates_only: bool = False, output_fmt: str = "NCHW",
+        output_extra_tokens: bool = False, interpolate_pos_encoding: bool = False,
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:  # fmt: skip
-        """OpenCLIP-style intermediates: image [N, 3, H, W] ->
+        """OpenCLIP's `forward_intermediates` (same arguments, keys and shapes): image [N, 3, H, W] ->
 
-        `image_intermediates`: the outputs of blocks `indices` (default every block), each [N, L, D]
-        with the class token first (Hugging Face's `hidden_states[i + 1]`); `image_embeddings`: the
-        input of the first block [N, L, D] (`hidden_states[0]`); `image_tokens`: patch tokens of the
-        last block after `ln_post` [N, grid*grid, D]; `image_features`: the usual output.
+        `image_intermediates`: the patch tokens of blocks `indices` (None: all; int n: the last n; a
+        list: those), [N, D, gh, gw] ("NCHW") or [N, gh*gw, D] ("NLC"); `image_intermediates_prefix`
+        (with `output_extra_tokens`): their class tokens [N, 1, D]; `image_features` [N, output_dim].
+        `stop_early` takes effect with `intermediates_only`.  Also `image_embeddings`, the input of
+        the first block [N, L, D].  Hugging Face's
+        `hidden_states[i + 1]` is `torch.cat([prefix[i], tokens[i]], 1)` with "NLC" (and
+        `hidden_states[0]` is `image_embeddings`).
         """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         tokens = self.embed(x, interpolate_pos_encoding)
-        out, hidden = self.transformer.forward_intermediates(tokens.permute(1, 0, 2), indices)
-        hidden = [h.permute(1, 0, 2) for h in hidden]
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        # Stopping early only when nothing after the last wanted block is returned (OpenCLIP would pool
+        # the truncated tower's output into `image_features`).
+        stop = stop_early and intermediates_only
+        out, hidden = self.transformer.forward_intermediates(tokens.permute(1, 0, 2), indices, stop)
+        hidden = [h.permute(1, 0, 2) for h in hidden]  # LND -> NLD
         if normalize_intermediates:
             hidden = [self.ln_post(h) for h in hidden]
-        out = out.permute(1, 0, 2)
-        pooled = self.pool(out)
-        return {
-            "image_embeddings": tokens,
-            "image_intermediates": hidden,
-            "image_tokens": self.ln_post(out[:, self.num_prefix_tokens :]),
-            "image_features": pooled @ self.proj if self.proj is not None else pooled,
-        }
+        p = self.num_prefix_tokens
+        patches = [h[:, p:] for h in hidden]
+        if output_fmt == "NCHW":
+            patches = [t.reshape(t.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for t in patches]
+        result: dict[str, torch.Tensor | list[torch.Tensor]] = {"image_intermediates": patches}
+        if output_extra_tokens and p:
+            result["image_intermediates_prefix"] = [h[:, :p] for h in hidden]
+        result["image_embeddings"] = tokens
+        if intermediates_only:
+            return result
+        pooled = self.pool(out.permute(1, 0, 2))
+        result["image_features"] = pooled @ self.proj if self.proj is not None else pooled
+        return result
 
 
 def interpolate_positions(pos: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
