@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI's image normalisation (per RGB channel, on 0..1 pixels): the one definition in the package.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 VisionPool = Literal["tok", "avg", "map"]
 TextPool = Literal["argmax", "eos", "first", "last"]

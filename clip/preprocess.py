@@ -48,8 +48,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from clip.config import CLIP_MEAN, CLIP_STD  # the one definition; re-exported here for callers
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 

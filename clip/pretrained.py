@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clip.config import CLIP_MEAN, CLIP_STD
+
 __all__ = [
     "DATA_FILE",
     "HubFile",
@@ -57,8 +59,8 @@ class PreprocessCfg:
     """
 
     size: int = 224
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
 
