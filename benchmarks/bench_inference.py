@@ -37,12 +37,12 @@ def main() -> None:
     import open_clip
 
     from clip.config import get_config
-    from clip.loading import build_model
+    from clip.loading import model_from_state_dict
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ref = open_clip.create_model(args.open_clip_name).eval()
-    ours = build_model(get_config(args.model), ref.state_dict())
+    ours = model_from_state_dict(get_config(args.model), ref.state_dict())
     size = ours.visual.input_resolution
     text_rows = torch.randint(1, 49405, (64, 77))
     text_rows[:, 0], text_rows[:, 20], text_rows[:, 21:] = 49406, 49407, 0

@@ -129,7 +129,7 @@ def open_clip_step(model, config, device: torch.device, args):
 def build(args, device: torch.device, which: tuple[str, ...] = ("ours", "open_clip")):
     """(config, our model, open_clip model) with equal weights; only the models in `which` are built."""
     from clip.config import get_config
-    from clip.loading import build_model
+    from clip.loading import model_from_state_dict
     from clip.model import CLIP
 
     config = get_config(args.model)
@@ -138,7 +138,7 @@ def build(args, device: torch.device, which: tuple[str, ...] = ("ours", "open_cl
     if "ours" not in which:
         ours = None
     else:
-        ours = build_model(config, ref.state_dict()) if ref is not None else CLIP(config)
+        ours = model_from_state_dict(config, ref.state_dict()) if ref is not None else CLIP(config)
     for m in (ref, ours):
         if m is not None and args.grad_checkpointing:
             m.set_grad_checkpointing(True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clip.config import get_config
-from clip.loading import build_model
+from clip.loading import model_from_state_dict
 from clip.model import CLIP, convert_weights
 
 
@@ -48,7 +48,7 @@ def check_parity_open_clip(device: torch.device) -> None:
 
     torch.manual_seed(0)
     ref = open_clip.create_model("ViT-B-32-quickgelu").eval()
-    ours = build_model(get_config("ViT-B/32"), ref.state_dict()).eval()
+    ours = model_from_state_dict(get_config("ViT-B/32"), ref.state_dict()).eval()
     ref, ours = ref.to(device), ours.to(device)
     images, texts = sample_inputs(ours, 16, device)
     errs = {

@@ -116,16 +116,17 @@ def model_from_state_dict(config: CLIPConfig, state_dict: StateDict, source: str
     return model.eval()
 
 
-build_model = model_from_state_dict  # the name earlier releases of this project used
-
-
 def _preview(keys: list[str], n: int = 6) -> str:
     shown = ", ".join(keys[:n])
     return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
 
 
 def resize_image_size(config: CLIPConfig, sd: StateDict, image_size: int) -> tuple[CLIPConfig, StateDict]:
-    """Another input resolution for a ViT: position embeddings resampled bicubically (OpenCLIP's force_image_size)."""
+    """Another input resolution for a ViT: position embeddings resampled bicubically (OpenCLIP's force_image_size).
+
+    Antialiased as OpenCLIP's `resize_pos_embed`, so a smaller size gives OpenCLIP's numbers too (run-time
+    `interpolate_pos_encoding=True` follows Hugging Face, which does not antialias).
+    """
     v = config.vision
     if image_size == v.image_size:
         return config, sd
@@ -136,9 +137,8 @@ def resize_image_size(config: CLIPConfig, sd: StateDict, image_size: int) -> tup
     new = config.replace(vision={"image_size": image_size})
     pos = sd["visual.positional_embedding"]
     prefix = 1 if v.class_token else 0
-    sd = dict(
-        sd, **{"visual.positional_embedding": interpolate_positions(pos, prefix, (new.vision.grid,) * 2)}
-    )
+    resized = interpolate_positions(pos, prefix, (new.vision.grid,) * 2, antialias=True)
+    sd = {**sd, "visual.positional_embedding": resized}
     return new, sd
 
 
