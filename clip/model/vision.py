@@ -90,7 +90,9 @@ class VisionTransformer(nn.Module):
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)
         pos = self.positional_embedding
-        if pos.shape[0] != x.shape[1]:
+        grid = self.input_resolution // self.patch_size
+        # Compare grids, not token counts: a 2x8 grid has as many patches as a 4x4 one.
+        if (gh, gw) != (grid, grid):
             if not interpolate_pos_encoding:
                 raise ValueError(
                     f"image of {gh * self.patch_size}x{gw * self.patch_size} pixels does not match the model's "
@@ -160,11 +162,14 @@ class VisionTransformer(nn.Module):
         return result
 
 
-def interpolate_positions(pos: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+def interpolate_positions(
+    pos: torch.Tensor, prefix: int, grid: tuple[int, int], antialias: bool = False
+) -> torch.Tensor:
     """Position embeddings [prefix + g*g, D] -> [prefix + gh*gw, D], bicubic over the patch grid.
 
     Hugging Face's `interpolate_pos_encoding` and OpenCLIP's `resize_pos_embed` (used for
-    `force_image_size`) both resample the square grid bicubically without corner alignment.
+    `force_image_size`) both resample the square grid bicubically without corner alignment;
+    OpenCLIP also antialiases (`antialias=True`), which changes the result only when shrinking.
     """
     cls, patches = pos[:prefix], pos[prefix:]
     old = round(patches.shape[0] ** 0.5)
@@ -173,6 +178,8 @@ def interpolate_positions(pos: torch.Tensor, prefix: int, grid: tuple[int, int])
     if (old, old) == tuple(grid):
         return pos
     grid_pos = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid_pos = F.interpolate(grid_pos, size=grid, mode="bicubic", align_corners=False)
+    grid_pos = F.interpolate(
+        grid_pos, size=tuple(grid), mode="bicubic", align_corners=False, antialias=antialias
+    )
     patches = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
     return torch.cat([cls, patches], dim=0)
