@@ -124,8 +124,9 @@ def _preview(keys: list[str], n: int = 6) -> str:
 def resize_image_size(config: CLIPConfig, sd: StateDict, image_size: int) -> tuple[CLIPConfig, StateDict]:
     """Another input resolution for a ViT: position embeddings resampled bicubically (OpenCLIP's force_image_size).
 
-    Antialiased as OpenCLIP's `resize_pos_embed`, so a smaller size gives OpenCLIP's numbers too (run-time
-    `interpolate_pos_encoding=True` follows Hugging Face, which does not antialias).
+    Antialiased as OpenCLIP's `resize_pos_embed`, so every size gives OpenCLIP's numbers.  Run-time
+    `interpolate_pos_encoding=True` follows Hugging Face, which does not antialias; PyTorch's antialiased
+    bicubic has another cubic kernel, so the two differ when enlarging too.
     """
     v = config.vision
     if image_size == v.image_size:
