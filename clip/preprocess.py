@@ -317,20 +317,21 @@ class ImageTooLargeError(ValueError):
 
 
 # The most memory one image may take to decode and preprocess (`load_image`'s default bound): a photo of up to
-# ~200 megapixels in RGB, ~38 in 16-bit grey, ~26 in 32-bit float.  With one decoding worker per core, a few
+# ~200 megapixels in RGB, ~31 in 16-bit grey, ~22 in 32-bit float.  With one decoding worker per core, a few
 # hostile files (a 344 KB 7000x7000 float TIFF needs ~1.9 GB) can no longer exhaust a machine's memory.
 MAX_DECODE_BYTES = 1 << 30
 
-# Peak bytes per pixel of `load_image` followed by CLIP's preprocessing, by mode, measured (ru_maxrss) on
-# 9-megapixel images with a little margin: Pillow holds 8-bit multi-band images as 4 bytes per pixel, alpha
-# modes are resized premultiplied (a second copy), and "I" / "F" / 16-bit images go through float64 arrays
-# in `_prepare_mode`.  Modes not listed are charged like "F".
+# Peak bytes per pixel of `load_image` followed by CLIP's preprocessing, by mode: measured peaks (5 and 9
+# megapixels; RGB 4.5, RGBA 8.5, I;16 26-30, F 36-37) rounded up to what the steps could hold at once.
+# Pillow holds 8-bit multi-band images as 4 bytes per pixel, alpha modes are resized premultiplied (a second
+# copy), and "I" / "F" / 16-bit images pass through several float64 arrays in `_prepare_mode`.  Modes not
+# listed are charged like "F".
 _BYTES_PER_PIXEL = {
     "1": 2, "L": 2, "P": 2,
     "RGB": 5, "RGBX": 5, "CMYK": 5, "YCbCr": 5, "LAB": 5, "HSV": 5,
     "LA": 9, "La": 9, "PA": 13, "RGBA": 9, "RGBa": 9,
-    "I;16": 28, "I;16L": 28, "I;16B": 28, "I;16N": 28,
-    "I": 40, "F": 40,
+    "I;16": 34, "I;16L": 34, "I;16B": 34, "I;16N": 34,
+    "I": 48, "F": 48,
 }  # fmt: skip
 _STORED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # else 4
 
@@ -393,5 +394,5 @@ def load_image(
         # Pillow reports corrupt or truncated data with any of these, depending on the format and the break.
         raise ValueError(f"cannot decode image {name!r} (truncated or corrupt?): {err}") from err
     if exif:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy of an upright image
     return img

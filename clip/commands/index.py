@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             )
         full = idx.report()
         atomic_write_json(os.path.join(args.index, "report.json"), {"last_run": report.to_dict(), **full})
-        print(f"index {args.index} holds {full['count']} images")
+        print_line(f"index {args.index} holds {full['count']} images")
         report_file = os.path.join(args.index, "report.json")
         _list("files could not be read", full["errors"], report_file)
         _list(

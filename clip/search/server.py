@@ -205,7 +205,8 @@ def decode_upload(data: bytes, max_pixels: int, max_bytes: int = MAX_DECODE_BYTE
                 f"decode, the limit is {max_bytes >> 20} MiB",
             )
         img.load()
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy unless the image must be turned
+        return img
     except ApiError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow reports bad data with many exception types
@@ -460,6 +461,25 @@ def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
     }
 
 
+def server_config(
+    index: Index,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServerLimits | None = None,
+    allowed_hosts: Iterable[str] = (),
+    **uvicorn_options: Any,
+) -> Any:
+    """The `uvicorn.Config` that `serve` runs: the app, the Host allow-list and the slow-client timeout."""
+    import uvicorn
+
+    limits = limits or ServerLimits()
+    app = create_app(index, limits, bind_host=host, allowed_hosts=allowed_hosts)
+    options = {"log_level": "info", "timeout_keep_alive": 5, **uvicorn_options}
+    return uvicorn.Config(
+        app, host=host, port=port, http=timed_h11_protocol(limits.header_timeout), **options
+    )
+
+
 def serve(
     index: Index,
     host: str = "127.0.0.1",
@@ -470,7 +490,4 @@ def serve(
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    limits = limits or ServerLimits()
-    app = create_app(index, limits, bind_host=host, allowed_hosts=allowed_hosts)
-    protocol = timed_h11_protocol(limits.header_timeout)
-    uvicorn.run(app, host=host, port=port, log_level="info", http=protocol, timeout_keep_alive=5)
+    uvicorn.Server(server_config(index, host, port, limits, allowed_hosts)).run()
