@@ -85,6 +85,20 @@ def build_map_dataset(cfg: TrainConfig, config: CLIPConfig) -> tuple[Any, Order]
     return mixed, mixed.order
 
 
+def check_sources(cfg: TrainConfig) -> None:
+    """Fail before any model is built when `train_data` cannot be opened at all (a missing file or folder, or
+    shards without the webdataset package)."""
+    spec = cfg.data.train_data
+    if not spec:
+        return
+    if is_webdataset(spec):
+        expand_sources(spec)  # names the extra to install when webdataset is missing
+        return
+    for part in spec.split("::"):
+        if not Path(part).exists():
+            raise FileNotFoundError(f"training data {part!r} is neither a file nor a folder")
+
+
 def build_stream(
     cfg: TrainConfig, config: CLIPConfig, info: DistInfo, *, dataset: Any = None, order: Order | None = None,
     position: dict | None = None,

@@ -25,7 +25,14 @@ from clip.config import CLIPConfig
 from clip.model import CLIP
 from clip.train import checkpoint as ckpt_io
 from clip.train import rundir
-from clip.train.build import apply_locks, build_model, build_stream, build_val_dataset, load_model_config
+from clip.train.build import (
+    apply_locks,
+    build_model,
+    build_stream,
+    build_val_dataset,
+    check_sources,
+    load_model_config,
+)
 from clip.train.config import TrainConfig
 from clip.train.distributed import (
     DistInfo,
@@ -148,6 +155,7 @@ def train(
 def _train(
     cfg: TrainConfig, info: DistInfo, model: CLIP | None, dataset: Any, order: Any, on_step: Any
 ) -> TrainResult:
+    check_sources(cfg)  # a wrong --train-data fails now, not after building the model
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and for any world size
     out = Path(cfg.run.output_dir)
     saved = ckpt_io.load_checkpoint(ckpt_io.resolve_resume(cfg.run.resume, out)) if cfg.run.resume else None
