@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -33,6 +33,7 @@ from PIL import Image
 
 from clip.search import ann as ann_mod
 from clip.search.encoder import Encoder, as_encoder
+from clip.search.report import IndexReport
 from clip.search.scan import Job, default_workers, make_loader, relative_to, resolve_paths, scan_images
 from clip.search.store import DB_NAME, SHARD_TARGET_ROWS, THUMB_DIR, FileRecord, Snapshot, Store
 from clip.search.topk import rank, search_exact
@@ -64,38 +65,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "score": round(self.score, 6)}
-
-
-@dataclass
-class IndexReport:
-    """What one `add` / `sync` run did."""
-
-    added: int = 0  # new files embedded
-    updated: int = 0  # changed files re-embedded
-    unchanged_content: int = 0  # stat changed, content hash did not: nothing re-embedded
-    skipped: int = 0  # already indexed and unchanged (or unchanged and still unreadable)
-    removed: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, message) read this run
-    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, message), left out
-    repaired: list[str] = field(default_factory=list)  # one line per damaged shard dropped and re-embedded
-    thumbs_pruned: int = 0  # cached thumbnails of files no longer indexed, deleted
-    seconds: float = 0.0
-    count: int = 0  # embeddings in the index afterwards
-
-    @property
-    def embedded(self) -> int:
-        return self.added + self.updated
-
-    @property
-    def images_per_second(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failed"] = [{"path": p, "error": m} for p, m in self.failed]
-        d["unreadable_folders"] = [{"path": p, "error": m} for p, m in self.unreadable_folders]
-        d["images_per_second"] = round(self.images_per_second, 2)
-        return d
 
 
 @dataclass

@@ -397,6 +397,8 @@ class Store:
                     continue  # a compaction replaced a shard after the check: read the new state
             if self.generation() == generation:
                 break  # nothing is moving: the damage is real
+        if not problems:
+            raise RuntimeError(f"index {str(self.root)!r} kept changing while being read; try again")
         shown = ", ".join(f"{name} {problem} ({n} images)" for name, problem, n in problems)
         raise DamagedIndexError(
             f"index {str(self.root)!r} is damaged: shard {shown}; run `clip index PHOTOS --index {self.root}` "
@@ -462,7 +464,9 @@ class Store:
         Call while `writing()`.  Returns (shard name, problem, paths whose embeddings were dropped): a sync
         then sees those files as new and embeds them again.
         """
-        repaired = []
+        repaired: list[tuple[str, str, list[str]]] = []
+        if dim <= 0:
+            return repaired  # no model recorded yet, so no shard either
         for sid, name, n in self._rows("SELECT id, name, rows FROM shards ORDER BY id"):
             problem = shard_problem(self.root / SHARD_DIR / name, n, dim)
             if problem is None:
