@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from clip.config import CLIPConfig, TextConfig, VisionConfig
+from clip.longclip import is_longclip_state_dict, longclip_to_openai
 
 StateDict = dict[str, torch.Tensor]
 
@@ -21,7 +22,8 @@ _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 def normalize_openai_state_dict(sd: StateDict) -> StateDict:
-    """Strip wrappers: DDP's `module.`, torch.compile's `_orig_mod.`, and TorchScript's extra scalars."""
+    """Strip wrappers: DDP's `module.`, torch.compile's `_orig_mod.`, and TorchScript's extra scalars;
+    fold Long-CLIP's two text position tables into one (`clip.longclip.longclip_to_openai`)."""
     out = {}
     for key, value in sd.items():
         for prefix in ("module.", "_orig_mod."):
@@ -30,7 +32,7 @@ def normalize_openai_state_dict(sd: StateDict) -> StateDict:
         if key in _JIT_EXTRA_KEYS or key.endswith("attn_mask"):
             continue
         out[key] = value
-    return out
+    return longclip_to_openai(out) if is_longclip_state_dict(out) else out
 
 
 def is_hf_state_dict(sd: StateDict) -> bool:

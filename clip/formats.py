@@ -28,6 +28,8 @@ from clip.convert import (
     is_hf_state_dict,
     normalize_openai_state_dict,
 )
+from clip.longclip import LONGCLIP_FORMAT
+from clip.siglip import read_hf_siglip_folder, siglip_to_ours
 
 SAFETENSORS_CONFIG_KEY = "clip_config"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -98,6 +100,9 @@ def is_torchscript(path: Path) -> bool:
 
 
 def _to_our_layout(sd: StateDict) -> StateDict:
+    siglip = siglip_to_ours(normalize_openai_state_dict(sd))  # OpenCLIP timm-tower or HF SigLIP keys
+    if siglip is not None:
+        return siglip
     return normalize_openai_state_dict(hf_to_openai(sd) if is_hf_state_dict(sd) else sd)
 
 
@@ -163,7 +168,10 @@ def read_pickle(path: Path) -> Reading | None:
             )
         sd = obj
     fmt = "clipforge checkpoint" if cfg is not None else "OpenAI/OpenCLIP state dict"
-    return Reading(fmt, _to_our_layout(sd), cfg, cfg is not None, open_clip_config=_beside(path))
+    # Long-CLIP fine-tunes OpenAI's models, so it runs QuickGELU; its two position tables fold into one.
+    longclip = cfg is None and any(k.endswith("positional_embedding_res") for k in sd)
+    fmt = LONGCLIP_FORMAT if longclip else fmt
+    return Reading(fmt, _to_our_layout(sd), cfg, cfg is not None or longclip, open_clip_config=_beside(path))
 
 
 def read_hf_clip_folder(path: Path) -> Reading | None:
@@ -209,6 +217,7 @@ READERS: tuple[Callable[[Path], Reading | None], ...] = (
     read_pickle,
     read_hf_clip_folder,
     read_open_clip_folder,
+    read_hf_siglip_folder,
 )
 
 

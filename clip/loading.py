@@ -23,6 +23,7 @@ from clip.config import CLIPConfig
 from clip.convert import StateDict, config_to_hf_config, infer_config, openai_to_hf
 from clip.formats import SAFETENSORS_CONFIG_KEY, Reading, read
 from clip.io import atomic_path, atomic_torch_save, atomic_write_json
+from clip.longclip import LONGCLIP_FORMAT, stretch_state_dict
 from clip.model import CLIP, convert_weights, interpolate_positions
 
 
@@ -43,7 +44,9 @@ def _shape_config(reading: Reading, path: Path, quick_gelu: bool | None) -> CLIP
         candidate = infer_config(reading.state_dict, quick_gelu=True)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    openai = [n for n in OPENAI_NAMES if get(n).replace(quick_gelu=True) == candidate]
+    # The context length is read from the shapes too (a stretched OpenAI model, Long-CLIP's 248).
+    ctx = {"context_length": candidate.text.context_length}
+    openai = [n for n in OPENAI_NAMES if get(n).replace(quick_gelu=True, text=ctx) == candidate]
     hint = "pass arch=NAME (`clip models` lists them; e.g. arch='ViT-H-14'), or keep OpenCLIP's open_clip_config.json beside it"
     if not openai:
         raise ValueError(
@@ -73,6 +76,9 @@ def resolve(path: str | os.PathLike, arch: str | None = None, quick_gelu: bool |
         cfg = from_open_clip_hub(reading.open_clip_config, str(path.parent / "open_clip_config.json"))
     else:
         cfg = _shape_config(reading, path, quick_gelu)
+    rows = reading.state_dict.get("positional_embedding")
+    if reading.format == LONGCLIP_FORMAT and rows is not None and rows.shape[0] != cfg.text.context_length:
+        cfg = cfg.replace(text={"context_length": rows.shape[0]})  # arch=NAME of the model it stretched
     if quick_gelu is not None and quick_gelu != cfg.quick_gelu:
         cfg = cfg.replace(quick_gelu=quick_gelu)
     tok_dir = reading.tokenizer_dir or (path.parent if reading.open_clip_config is not None else None)
@@ -222,12 +228,14 @@ def load(
     pretrained: str | None = None,
     quick_gelu: bool | None = None,
     image_size: int | None = None,
+    context_length: int | None = None,
 ) -> tuple[CLIP, Any]:
     """openai/CLIP's `clip.load`: a model name or a path -> (model in eval mode, preprocess).
 
     Also: `pretrained=TAG` with an OpenCLIP architecture name (or "ARCH/TAG"), "hf-hub:org/repo",
     `arch=` for files that do not record their architecture, `quick_gelu=` for bare state dicts,
-    `image_size=` to run a ViT at another resolution.  On CUDA the weights are cast to fp16 as
+    `image_size=` to run a ViT at another resolution, `context_length=` (e.g. 248) to stretch the
+    text positions as Long-CLIP does (`clip.longclip`).  On CUDA the weights are cast to fp16 as
     openai/CLIP does (LayerNorm still computes in fp32); on CPU they stay fp32.  `jit=True` is
     accepted for compatibility and returns the eager model.
     """
@@ -244,6 +252,8 @@ def load(
         cfg = apply_pretrained_cfg(cfg, tag)
     if image_size is not None:
         cfg, sd = resize_image_size(cfg, sd, image_size)
+    if context_length is not None:
+        cfg, sd = stretch_state_dict(cfg, sd, context_length)
     model = model_from_state_dict(cfg, sd, source=str(path)).to(device)
     model.tokenizer_dir = r.tokenizer_dir
     if torch.device(device).type == "cuda":
