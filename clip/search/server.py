@@ -114,6 +114,8 @@ def _shown(path: str) -> str:
 def _hit_json(index: Index, rank: int, hit: Hit) -> dict[str, Any]:
     info = index.file_info(hit.path)
     q = quote(os.fsencode(hit.path), safe="")  # the name's own bytes, so non-UTF-8 names round-trip
+    if info is not None:  # a new URL for new content: a browser never shows a cached picture of old bytes
+        q += f"&v={info.sha256[:16]}"
     return {
         "rank": rank,
         "path": _shown(hit.path),
@@ -437,7 +439,7 @@ def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
                             },
                         },
                     },
-                    "responses": {**ok, "400": err, "413": err, "415": err, "500": err},
+                    "responses": {**ok, "400": err, "408": err, "413": err, "415": err, "500": err},
                 }
             },
             "/api/thumb": {
