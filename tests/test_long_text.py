@@ -173,3 +173,30 @@ def test_long_clip_shapes_of_openai_models_are_recognised():
     cfg = _shape_config(reading, "longclip-B.pt", None)  # type: ignore[arg-type]
     assert cfg == clip.get_config("ViT-B/16").replace(text={"context_length": 248})
     assert cfg.quick_gelu
+
+
+def test_clip_train_context_length_fine_tunes_the_stretched_model(tmp_path, tiny_checkpoint, capsys):
+    """`clip train --pretrained P --context-length N`: stretched at the start, trained on captions past 32 tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from clip.cli import main
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(" ".join(["picture", "number", str(i)] * 15))  # ~47 tokens
+    out = tmp_path / "run"
+    args = ["train", "--train-data", str(data), "--pretrained", str(tiny_checkpoint), "--context-length", "68",
+            "--output-dir", str(out), "--steps", "2", "--batch-size", "4", "--workers", "0", "--lr", "1e-3",
+            "--warmup", "1", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    tuned, _ = clip.load(capsys.readouterr().out.strip().splitlines()[-1], device="cpu")
+    start, _ = clip.load(str(tiny_checkpoint), device="cpu", context_length=68)
+    assert tuned.config.text.context_length == 68
+    moved = (tuned.positional_embedding[40] - start.positional_embedding[40]).abs().max()
+    assert moved > 0  # trained past 32 positions
+    assert main(args[:3] + args[5:]) == 2  # --context-length without --pretrained is refused
+    assert "give --pretrained" in capsys.readouterr().err

@@ -70,6 +70,8 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
     ("--model-config", "model", "config_path",
      dict(help="JSON of openai/CLIP constructor arguments (embed_dim, image_resolution, ...; quick_gelu)")),
     ("--pretrained", "model", "pretrained", dict(help="fine-tune weights `clip.load` reads (name or path)")),
+    ("--context-length", "model", "context_length",
+     dict(type=int, help="stretch --pretrained text positions to N (Long-CLIP: 248 from 77)")),
     ("--lock-image", "model", "lock_image", dict(action="store_true", help="freeze the image tower (LiT)")),
     ("--lock-text", "model", "lock_text", dict(action="store_true", help="freeze the text tower")),
     ("--grad-checkpointing", "model", "grad_checkpointing",

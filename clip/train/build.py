@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig) -> CLIP:
     if spec.pretrained:
         import clip
 
-        model = clip.load(spec.pretrained, device="cpu")[0]
+        model = clip.load(spec.pretrained, device="cpu", context_length=spec.context_length)[0]
         return model.float()
     config = load_model_config(spec.config_path) if spec.config_path else get_config(spec.name)
     return CLIP(config)

@@ -73,11 +73,13 @@ class ModelSpec:
     config_path: JSON with openai/CLIP's constructor arguments (embed_dim, image_resolution, vision_layers, ...,
         plus quick_gelu) or a `CLIPConfig.to_dict()`. Takes precedence over `name`.
     pretrained: anything `clip.load` reads (a released model name or a file); its config is used.
+    context_length: stretch the pretrained text positions to this many (Long-CLIP's 248; `clip.longclip`).
     """
 
     name: str | None = "ViT-B/32"
     config_path: str | None = None
     pretrained: str | None = None
+    context_length: int | None = None
     lock_image: bool = False
     lock_text: bool = False
     grad_checkpointing: bool = False
@@ -86,6 +88,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not (self.name or self.config_path or self.pretrained):
             raise ValueError("no model: give a model name, a model config file or pretrained weights")
+        if self.context_length is not None and not self.pretrained:
+            raise ValueError(
+                "context_length stretches pretrained text positions (give --pretrained); for a fresh model "
+                "set context_length in its --model-config"
+            )
         if self.lock_image and self.lock_text:
             raise ValueError("lock_image and lock_text together leave only the temperature to train")
 
