@@ -432,6 +432,8 @@ def test_clip_models_json_lists_every_architecture_with_its_tags(capsys: pytest.
     assert rows["RN50"]["pretrained"][0] == "openai" and rows["RN50"]["quick_gelu"] is True
     assert rows["ViT-B-32"]["quick_gelu"] is False and rows["ViT-bigG-14"]["vision"] == "ViT 48x1664 /14"
     assert rows["RN50x4"]["vision"] == "ResNet 4-6-10-6 w80"
+    assert (rows["RN50"]["activation"], rows["ViT-B-32"]["activation"]) == ("quick", "gelu")
+    assert rows["ViT-B-32"]["sigmoid"] is False
     assert rows["ViT-Tiny/8@32px"]["pretrained"] == []
 
 
@@ -440,7 +442,7 @@ def test_clip_models_table_stays_aligned(
 ) -> None:
     from clip.registry import all_configs
 
-    monkeypatch.setenv("COLUMNS", "110")
+    monkeypatch.setenv("COLUMNS", "120")
     lines = _run_models([], capsys).splitlines()
     header, body = lines[0], [line for line in lines[1:] if line.strip()]
     px = header.index("px") + 2  # the column's right edge
@@ -454,4 +456,4 @@ def test_clip_models_table_stays_aligned(
     assert continuation and all(
         line[:tags_at].strip() == "" and line[tags_at] != " " for line in continuation
     )
-    assert max(len(line) for line in lines[: len(names) + len(continuation) + 1]) <= 110
+    assert max(len(line) for line in lines[: len(names) + len(continuation) + 1]) <= 120

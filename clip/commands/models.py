@@ -49,26 +49,35 @@ def model_rows() -> list[dict[str, Any]]:
             "name": name, "weights": name in downloadable, "pretrained": pretrained_tags(name, downloadable),
             "image_size": v.image_size, "embed_dim": cfg.embed_dim, "vision": tower,
             "text": f"{cfg.text.layers}x{cfg.text.width}", "quick_gelu": cfg.quick_gelu,
+            "activation": _activation(cfg), "sigmoid": cfg.sigmoid,
         })  # fmt: skip
     return rows
+
+
+def _activation(cfg: Any) -> str:
+    """ "quick" (OpenAI's QuickGELU), "gelu", "tanh" (GELU's tanh approximation), or "image/text" when they differ."""
+    if cfg.quick_gelu:
+        return "quick"
+    image, text = ("tanh" if t.gelu_approximate == "tanh" else "gelu" for t in (cfg.vision, cfg.text))
+    return image if image == text else f"{image}/{text}"
 
 
 def format_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
     """Aligned lines; the tags wrap under their own column so a long tag list stays readable."""
     name_w = max(len("name"), *(len(r["name"]) for r in rows))
     tower_w = max(len("image tower"), *(len(r["vision"]) for r in rows))
-    head = f"{'name':{name_w}} {'px':>4} {'embed':>5}  {'image tower':{tower_w}} {'text':7} {'act':5} "
+    act_w = max(len("act"), *(len(r["activation"]) for r in rows))
+    head = f"{'name':{name_w}} {'px':>4} {'embed':>5}  {'image tower':{tower_w}} {'text':7} {'act':{act_w}} "
     indent = " " * len(head)
     lines = [head + "pretrained"]
     for r in rows:
-        act = "quick" if r["quick_gelu"] else "gelu"
         left = (
             f"{r['name']:{name_w}} {r['image_size']:>4} {r['embed_dim']:>5}  {r['vision']:{tower_w}} "
-            f"{r['text']:7} {act:5} "
+            f"{r['text']:7} {r['activation']:{act_w}} "
         )
         tags = " ".join(r["pretrained"]) or "-"
         wrapped = textwrap.wrap(
-            tags, max(20, width - len(indent)), break_on_hyphens=False, break_long_words=False
+            tags, max(30, width - len(indent)), break_on_hyphens=False, break_long_words=False
         ) or ["-"]
         lines.append(left + wrapped[0])
         lines += [indent + more for more in wrapped[1:]]
