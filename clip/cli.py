@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.models",
     "clip.commands.download",
     "clip.commands.convert",
+    "clip.commands.export",
     "clip.commands.train",
     "clip.commands.classify",
     "clip.commands.eval",
