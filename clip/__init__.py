@@ -28,6 +28,8 @@ _EXPORTS = {
     "zero_shot_classifier": "clip.zeroshot",
     "Index": "clip.search.index",
     "clip_score": "clip.score",
+    "optimize_for_cpu": "clip.cpu_inference",
+    "feature_agreement": "clip.cpu_inference",
 }
 
 __all__ = sorted(_EXPORTS)

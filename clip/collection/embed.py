@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 from clip.collection import shards
 from clip.collection.sources import Collection, Sample, Unit, decode, require_pyarrow
+from clip.cpu_inference import CPUInferenceModel
 
 JOB_FORMAT = 1
 MAX_LISTED_ERRORS = 20
+EMBED_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class EmbedConfig:
     batch_size: int = 256
     workers: int = 4
     text: bool = False  # also embed each caption (stored in the metadata's text_emb column)
-    precision: str = "fp32"  # fp32, bf16 or fp16 autocast
+    precision: str = "fp32"  # fp32; bf16 (CPU: bf16 weights, GPU: autocast); fp16 autocast; int8 (CPU only)
     device: str = "auto"
     img_key: str = "filepath"
     caption_key: str = "caption"
@@ -49,16 +51,18 @@ class EmbedConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from clip.evaluation.features import PRECISIONS
-
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(
                 f"--shard-size and --batch-size must be at least 1 (got {self.shard_size}, {self.batch_size})"
             )
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.precision not in EMBED_PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}; use one of {', '.join(EMBED_PRECISIONS)}"
+            )
+        if self.precision == "int8" and self.device == "cuda":
+            raise ValueError("--precision int8 is a CPU precision; on a GPU use bf16 or fp16")
 
 
 # ------------------------------------------------------------------------------------- worker side
@@ -215,20 +219,40 @@ def _encode(
     """Unit-norm float16 image (and caption) embeddings [b, D] of a piece."""
     from clip.evaluation.features import autocast
 
-    with torch.no_grad(), autocast(device, precision):
+    # A CPU-prepared model (bf16 / int8 on the CPU) carries its precision itself: no autocast around it.
+    amp = "fp32" if isinstance(model, CPUInferenceModel) else precision
+    with torch.no_grad(), autocast(device, amp):
         img = model.encode_image(piece.pixels.to(device, non_blocking=True))
         txt = model.encode_text(piece.tokens.to(device)) if piece.tokens is not None else None
-    img = F.normalize(img.float(), dim=-1).cpu().numpy().astype(np.float16)
-    if txt is not None:
-        txt = F.normalize(txt.float(), dim=-1).cpu().numpy().astype(np.float16)
-    return img, txt
+    img = F.normalize(img.float(), dim=-1).cpu()
+    return img, (F.normalize(txt.float(), dim=-1).cpu() if txt is not None else None)
+
+
+def _agreement(reference: Any, piece: Piece, device: torch.device, img: torch.Tensor,
+               txt: torch.Tensor | None) -> dict:  # fmt: skip
+    """Cosine of this batch's features [b, D] against the fp32 reference model's, per sample (mean and min)."""
+    from clip.cpu_inference import cosine_agreement
+
+    ref_img, ref_txt = _encode(reference, piece, device, "fp32")
+    out = {
+        "batch_size": int(img.shape[0]),
+        **{f"image_cosine_{k}": v for k, v in cosine_agreement(ref_img, img).items()},
+    }
+    if txt is not None and ref_txt is not None:
+        out.update({f"text_cosine_{k}": v for k, v in cosine_agreement(ref_txt, txt).items()})
+    return out
 
 
 def _consume(loader: Any, model: Any, cfg: EmbedConfig, device: torch.device, dim: int, bar: Any,
-             counter: _RowCounter) -> dict:  # fmt: skip
-    """Embed every piece and write each chunk as it completes; returns this rank's counts."""
+             counter: _RowCounter, references: list | None = None) -> dict:  # fmt: skip
+    """Embed every piece and write each chunk as it completes; returns this rank's counts.
+
+    With a reference in `references` (the fp32 model, when --precision is not fp32) the first batch is also
+    embedded by it, and the agreement is recorded in the counts; the reference is dropped after that batch.
+    """
+    reference = references.pop() if references else None
     buffers: dict[tuple[int, int], _ChunkBuffer] = {}
-    stats = {"rows": 0, "embedded": 0, "skipped": 0, "chunks": 0, "units": 0}
+    stats = {"rows": 0, "embedded": 0, "skipped": 0, "chunks": 0, "units": 0, "agreement": None}
     for piece in loader:
         if piece.unit_chunks is not None:
             shards.write_unit_done(cfg.output, piece.unit, piece.unit_chunks)
@@ -237,9 +261,12 @@ def _consume(loader: Any, model: Any, cfg: EmbedConfig, device: torch.device, di
         buf = buffers.setdefault((piece.unit, piece.chunk), _ChunkBuffer())
         if piece.pixels is not None:
             img, txt = _encode(model, piece, device, cfg.precision)
-            buf.embeddings.append(img)
+            if reference is not None:
+                stats["agreement"] = _agreement(reference, piece, device, img, txt)
+                reference = None
+            buf.embeddings.append(img.numpy().astype(np.float16))
             if txt is not None:
-                buf.text.append(txt)
+                buf.text.append(txt.numpy().astype(np.float16))
         buf.meta += piece.meta
         buf.errors += piece.errors
         buf.rows += piece.rows
@@ -289,12 +316,22 @@ def prepare_output(cfg: EmbedConfig, job: dict, is_main: bool) -> None:
             atomic_write_json(os.path.join(cfg.output, shards.JOB_FILE), job)
 
 
-def _load_model(cfg: EmbedConfig, device: torch.device) -> tuple[Any, Any]:
+def _load_model(cfg: EmbedConfig, device: torch.device) -> tuple[Any, Any, Any]:
+    """(the model to embed with, its preprocess, the fp32 reference to measure agreement, or None)."""
     import clip
+    from clip.cpu_inference import optimize_for_cpu
 
-    # Loaded on the CPU in fp32 (clip.load would round weights to fp16 on CUDA); --precision is autocast.
+    # Loaded on the CPU in fp32 (clip.load would round weights to fp16 on CUDA).
     model, preprocess = clip.load(cfg.model, device="cpu")
-    return model.to(device).eval(), preprocess
+    model = model.to(device).eval()
+    if cfg.precision == "fp32":
+        return model, preprocess, None
+    if device.type == "cpu" and cfg.precision in ("bf16", "int8"):
+        # bf16 weights / int8 linears (clip.cpu_inference): AVX512-BF16 and VNNI kernels, no per-call casts.
+        return optimize_for_cpu(model, cfg.precision), preprocess, model
+    if cfg.precision == "int8":
+        raise ValueError("--precision int8 is a CPU precision; on a GPU use bf16 or fp16")
+    return model, preprocess, model  # autocast around the fp32 model; the reference runs without it
 
 
 def run_embed(cfg: EmbedConfig) -> dict:
@@ -311,7 +348,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     collection = open_collection(list(cfg.inputs), cfg.img_key, cfg.caption_key, cfg.separator)
     info = init_from_env(cfg.device)
     try:
-        model, preprocess = _load_model(cfg, info.device)
+        model, preprocess, reference = _load_model(cfg, info.device)
         dim = int(model.config.embed_dim)
         prepare_output(cfg, _job_record(cfg, collection, dim), info.is_main)
         barrier()
@@ -333,7 +370,10 @@ def run_embed(cfg: EmbedConfig) -> dict:
                 total=len(collection) or None, initial=done.rows, unit="img", desc="embed", smoothing=0.1
             )
         start = time.perf_counter()
-        stats = _consume(loader, model, cfg, info.device, dim, bar, _RowCounter(info.distributed))
+        # Handed over in a list so that only _consume holds the reference, and drops it after one batch.
+        refs = [reference] if reference is not None else []
+        del reference
+        stats = _consume(loader, model, cfg, info.device, dim, bar, _RowCounter(info.distributed), refs)
         stats["seconds"] = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -371,6 +411,8 @@ def write_report(out: str, collection: Collection, run_stats: list[dict]) -> dic
             "embedded": sum(s["embedded"] for s in run_stats),
             "seconds": round(seconds, 3),
             "images_per_second": round(this_run / seconds, 2) if seconds > 0 else None,
+            # --precision other than fp32: each rank's first batch embedded by the fp32 model too
+            "agreement_with_fp32": [s["agreement"] for s in run_stats if s.get("agreement")],
         },
     }
     atomic_write_json(os.path.join(out, shards.REPORT_FILE), report)
@@ -386,6 +428,10 @@ def print_summary(report: dict, out: str, file: Any = sys.stdout) -> None:
         else ""
     )
     print(f"embedded {run['embedded']} images in {run['seconds']:.1f} s{rate}", file=file)
+    for a in run.get("agreement_with_fp32", [])[:1]:
+        text = f", text {a['text_cosine_min']:.5f}" if "text_cosine_min" in a else ""
+        print(f"agreement with fp32 on the first {a['batch_size']} images: min cosine "
+              f"{a['image_cosine_min']:.5f} (mean {a['image_cosine_mean']:.5f}){text}", file=file)  # fmt: skip
     state = "complete" if report["complete"] else f"{report['units_done']} of {report['units']} units done"
     print(f"{out}: {report['embedded']} embeddings in {report['chunks']} shards, {report['skipped']} inputs skipped "
           f"({state})", file=file)  # fmt: skip

@@ -33,7 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--text", action="store_true", help="also embed each caption (metadata column text_emb)"
     )
     parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype"
+        "--precision",
+        choices=("fp32", "bf16", "fp16", "int8"),
+        default="fp32",
+        help="fp32 (exact, default); bf16: on the CPU bf16 weights (AVX512-BF16), on a GPU autocast; fp16: "
+        "autocast; int8: CPU only, dynamically quantised linear layers (VNNI). Not fp32: the first batch is "
+        "also embedded in fp32 and the cosine agreement written to OUT/report.json",
     )
     parser.add_argument(
         "--device",
