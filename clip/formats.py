@@ -103,7 +103,15 @@ def _to_our_layout(sd: StateDict) -> StateDict:
     siglip = siglip_to_ours(normalize_openai_state_dict(sd))  # OpenCLIP timm-tower or HF SigLIP keys
     if siglip is not None:
         return siglip
-    return normalize_openai_state_dict(hf_to_openai(sd) if is_hf_state_dict(sd) else sd)
+    return _own_text_tower(normalize_openai_state_dict(hf_to_openai(sd) if is_hf_state_dict(sd) else sd))
+
+
+def _own_text_tower(sd: StateDict) -> StateDict:
+    """OpenCLIP's CustomTextCLIP (`custom_text`, training's --force-custom-text) keeps its own text
+    Transformer under `text.`, with our (OpenAI's) names below that prefix."""
+    if not any(k.startswith("text.") for k in sd) or any(k.startswith("transformer.") for k in sd):
+        return sd
+    return {k.removeprefix("text."): v for k, v in sd.items()}
 
 
 def _beside(path: Path) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ import open_clip
 import pytest
 import torch
 from open_clip.model import CLIP as OpenCLIP
+from open_clip.model import CustomTextCLIP
 from safetensors.torch import save_file
 from torch import nn
 
@@ -155,6 +156,11 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
     "text_proj_bias": ({}, {"proj_bias": True}, False),
     "resnet_w16": (RESNET, {}, False),
     "resnet_w24_quickgelu": ({**RESNET, "layers": [1, 2, 1, 1], "width": 24, "head_width": 64}, {}, True),
+    "custom_text": (
+        {},
+        {"pool_type": "eos", "eos_id": 2},
+        False,
+    ),  # CustomTextCLIP: the text tower under `text.`
 }
 
 
@@ -163,6 +169,8 @@ def _model_cfg(case: str) -> dict[str, Any]:
     vision, text, quick_gelu = CASES[case]
     base = {} if "layers" in vision and isinstance(vision["layers"], list) else VISION
     cfg = {"embed_dim": EMBED, "vision_cfg": {**base, **vision}, "text_cfg": {**TEXT, **text}}
+    if case == "custom_text":
+        cfg["custom_text"] = True
     return {**cfg, "quick_gelu": True} if quick_gelu else cfg
 
 
@@ -173,7 +181,8 @@ def _open_clip_model(model_cfg: dict[str, Any], seed: int = 0) -> OpenCLIP:
     statistics at (0, 1); noise on every tensor makes a mix-up of any of them visible in the features.
     """
     torch.manual_seed(seed)
-    model = OpenCLIP(**copy.deepcopy(model_cfg)).eval()
+    cfg = copy.deepcopy(model_cfg)
+    model = (CustomTextCLIP if cfg.pop("custom_text", False) else OpenCLIP)(**cfg).eval()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if not tensor.is_floating_point() or name == "logit_scale":
