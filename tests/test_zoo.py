@@ -310,11 +310,17 @@ def test_open_clip_option_loads_with_open_clip_features(
     loaded = {}
     for layout, write in LAYOUTS.items():
         loaded[layout] = clip.load(str(write(tmp_path / layout, sd, model_cfg)), device="cpu")
-    # The same Hub folder served over HTTP, as `hf-hub:org/repo` with HF_ENDPOINT at the mirror.
+    # The same Hub folder served over HTTP, as `hf-hub:org/repo` with HF_ENDPOINT at the mirror; repos
+    # hold either weights file (a .bin-only repo is asked for the .safetensors first and answers 404).
     base_url, files = hub_mirror
     repo = f"zoo/{case}"
-    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
-        files[f"/{repo}/resolve/main/{name}"] = (tmp_path / "hub_folder_safetensors" / name).read_bytes()
+    folder, weights = (
+        ("hub_folder_bin", "open_clip_pytorch_model.bin")
+        if list(CASES).index(case) % 2
+        else ("hub_folder_safetensors", "open_clip_model.safetensors")
+    )
+    for name in ("open_clip_config.json", weights):
+        files[f"/{repo}/resolve/main/{name}"] = (tmp_path / folder / name).read_bytes()
     monkeypatch.setenv("HF_ENDPOINT", base_url)
     loaded["hf-hub"] = clip.load(f"hf-hub:{repo}", device="cpu", download_root=str(tmp_path / "cache"))
 
