@@ -51,12 +51,12 @@ def data(tmp_path_factory) -> Path:
 
 
 def config(data: Path, out: Path, **run) -> TrainConfig:
-    """The same run as `base_args` (6 steps of 16, a checkpoint every 3), for in-process training."""
+    """Like `base_args` (6 steps of 16, a checkpoint every 3; warmup 1 so short runs reach the peak lr), in process."""
     batch = run.pop("batch_size", 16)
     return TrainConfig(
         data=DataConfig(train_data=str(data), batch_size=batch, workers=0),
         model=ModelSpec(name=None, config_path=str(data.parent / "tiny.json")),
-        optim=OptimConfig(lr=1e-3, warmup=2),
+        optim=OptimConfig(lr=1e-3, warmup=1),
         run=RunConfig(**{"output_dir": str(out), "steps": 6, "save_every": 3, "seed": 7, "log_every": 1,
                          "progress": False, **run}),
     )  # fmt: skip
