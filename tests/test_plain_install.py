@@ -53,7 +53,8 @@ def plain_venv() -> Path:
     if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
         shutil.rmtree(VENV, ignore_errors=True)
         _ok(_run([sys.executable, "-m", "venv", VENV]))
-        _ok(_run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *core_requirements()]))
+        _ok(_run([python, "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check",
+                  *core_requirements()]))  # fmt: skip
         stamp.write_text(wanted)
     return VENV
 
