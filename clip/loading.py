@@ -278,9 +278,21 @@ def save_state_dict(config: CLIPConfig, sd: StateDict, path: Path) -> None:
         atomic_torch_save({"config": config.to_dict(), "state_dict": sd}, path)
 
 
-def save_hf_folder(config: CLIPConfig, sd: StateDict, folder: str | os.PathLike) -> None:
-    """Write a Hugging Face `CLIPModel` folder (config.json + model.safetensors), each file atomically."""
+def save_hf_folder(
+    config: CLIPConfig,
+    sd: StateDict,
+    folder: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Write a Hugging Face `CLIPModel` folder, each file atomically; returns the file names.
+
+    config.json + model.safetensors, plus the tokenizer files and preprocessor_config.json that
+    `CLIPProcessor.from_pretrained` reads (`clip.hf_export`; `tokenizer_dir`: where the files of a
+    model's own HF tokenizer lie).
+    """
     from safetensors.torch import save_file
+
+    from clip.hf_export import write_processor_files
 
     folder = Path(folder)
     hf_sd = openai_to_hf(sd)
@@ -288,4 +300,6 @@ def save_hf_folder(config: CLIPConfig, sd: StateDict, folder: str | os.PathLike)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp), metadata={"format": "pt"})
+    written = write_processor_files(config, folder, tokenizer_dir)
     atomic_write_json(folder / "config.json", hf_cfg)  # written last: a folder with it is complete
+    return ["config.json", "model.safetensors", *written]

@@ -20,13 +20,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clip.loading import read_checkpoint, save_hf_folder, save_state_dict
+    from clip.loading import resolve, save_hf_folder, save_state_dict
 
     quick = None if args.quick_gelu is None else args.quick_gelu == "yes"
-    cfg, sd = read_checkpoint(args.src, quick_gelu=quick)
+    r = resolve(args.src, quick_gelu=quick)
+    cfg, sd = r.config, r.state_dict
     dst = Path(args.dst)
     if args.to == "hf":
-        save_hf_folder(cfg, sd, dst)
+        files = save_hf_folder(cfg, sd, dst, tokenizer_dir=r.tokenizer_dir)
+        if not any(f in files for f in ("vocab.json", "tokenizer.json")):
+            print(f"note: {cfg.text.hf_tokenizer_name}'s tokenizer files did not come with {args.src}; "
+                  "add them to the folder (e.g. AutoTokenizer.from_pretrained(name).save_pretrained(DST))")  # fmt: skip
     elif args.to == "safetensors":
         if dst.suffix != ".safetensors":
             raise ValueError(f"--to safetensors needs a DST ending in .safetensors, got {dst}")
