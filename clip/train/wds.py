@@ -62,16 +62,15 @@ def is_webdataset(spec: str) -> bool:
 
 
 def decode_caption(raw: dict) -> str:
-    """The caption of a raw sample: its .txt, else the "caption" (or "text") string of its .json.
-
-    Raises SampleError: "missing_caption" (neither file), "unreadable_caption" (bad JSON, not an object, or a
-    caption that is not a string).
+    """The caption of a raw sample: its .txt, else the "caption" (or "text") string of its .json; "" when it
+    has neither. Raises SampleError("unreadable_caption") for a .json that is not valid JSON, not an object, or
+    whose caption is not a string (a ValueError, as before).
     """
     key = raw.get("__key__")
     if "txt" in raw:
         return raw["txt"].decode("utf-8", errors="replace")
     if "json" not in raw:
-        raise SampleError("missing_caption", f"sample {key!r} has no .txt or .json caption")
+        return ""
     try:
         meta = json.loads(raw["json"])
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
@@ -97,6 +96,8 @@ def decode_sample(raw: dict, crop: RandomResizedCrop, rng: np.random.Generator, 
     from clip.tokenizer import tokenize
 
     key = str(raw.get("__key__"))
+    if "txt" not in raw and "json" not in raw:
+        return key, "missing_caption"
     try:
         caption = decode_caption(raw)
     except SampleError as err:
