@@ -227,3 +227,38 @@ def test_traced_text_tower_is_not_frozen_to_the_example_length(tiny_model):
         traced = torch.jit.trace_module(tiny_model, {"encode_text": (short,)}).encode_text
     with torch.no_grad():
         torch.testing.assert_close(traced(long), tiny_model.encode_text(long))
+
+
+def test_bad_model_configs_are_one_clear_line(tmp_path):
+    """heads 0, a string width, a list, missing keys, patch 0, a bool embed_dim: each a ValueError naming it."""
+    from clip.train.build import check_vocab_fits_tokenizer, load_model_config
+
+    cases = {
+        "heads0": ({"vision": {"heads": 0}}, "vision heads"),
+        "strwidth": ({"text": {"width": "512"}}, "text width"),
+        "list": ([1, 2], "JSON object"),
+        "patch0": (
+            {
+                "embed_dim": 512,
+                "image_resolution": 224,
+                "vision_layers": 12,
+                "vision_width": 768,
+                "vision_patch_size": 0,
+                "transformer_width": 512,
+                "transformer_heads": 8,
+                "transformer_layers": 12,
+            },
+            "patch_size",
+        ),  # fmt: skip
+        "missing": ({"embed_dim": 512, "image_resolution": 224}, "missing"),
+        "booldim": ({"embed_dim": True}, "embed_dim"),
+        "badpool": ({"text": {"pool_type": "mean"}}, "pool_type"),
+    }
+    for name, (obj, needle) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(__import__("json").dumps(obj))
+        with pytest.raises(ValueError, match=needle):
+            load_model_config(str(path))
+    small = {"vocab_size": 1000}
+    with pytest.raises(ValueError, match="vocab_size 1000"):
+        check_vocab_fits_tokenizer(get_config("ViT-Tiny/8@32px").replace(text=small), "x.json")

@@ -46,12 +46,27 @@ def build_model(cfg: TrainConfig) -> CLIP:
         model = clip.load(spec.pretrained, device="cpu", context_length=spec.context_length)[0]
         return model.float()
     config = load_model_config(spec.config_path) if spec.config_path else get_config(spec.name)
+    check_vocab_fits_tokenizer(config, spec.config_path or spec.name)
     return CLIP(config)
+
+
+def check_vocab_fits_tokenizer(config: CLIPConfig, where: str | None) -> None:
+    """Training tokenizes with OpenAI's BPE unless the config names another tokenizer: its ids must fit."""
+    from clip.tokenizer import VOCAB_SIZE
+
+    t = config.text
+    if t.hf_tokenizer_name is None and t.vocab_size < VOCAB_SIZE:
+        raise ValueError(
+            f"model config {where}: text vocab_size {t.vocab_size} is smaller than the OpenAI tokenizer's "
+            f"{VOCAB_SIZE} ids, so training would index past the embedding table; set vocab_size >= {VOCAB_SIZE}"
+        )
 
 
 def text_parameters(model: CLIP) -> list[torch.nn.Parameter]:
     return [
-        p for name, p in model.named_parameters() if not name.startswith("visual.") and name != "logit_scale"
+        p
+        for name, p in model.named_parameters()
+        if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")
     ]
 
 
