@@ -24,7 +24,7 @@ from clip.cpu_inference import (
     optimize_for_cpu,
 )
 from clip.model import CLIP
-from clip.model.layers import Attention, LayerNorm, ResidualAttentionBlock
+from clip.model.layers import Attention, LayerNorm, QuickGELU, ResidualAttentionBlock
 from clip.preprocess import image_transform
 
 CAPTIONS = ["a photo of a dog", "a red square on a blue background", "two cats asleep on a sofa",
@@ -97,6 +97,7 @@ def test_int8_replaces_every_block_linear(tiny_model):
         assert isinstance(block.attn, InferenceSelfAttention)
         assert isinstance(block.attn.in_proj, Int8Linear) and isinstance(block.attn.out_proj, Int8Linear)
         assert isinstance(block.mlp.c_fc, Int8Linear) and isinstance(block.mlp.c_proj, Int8Linear)
+        assert isinstance(block.mlp.gelu, nn.SiLU)  # QuickGELU folded into the matmuls' scales
     assert not any(isinstance(m, Attention) for m in fast.modules())
 
 
@@ -132,6 +133,36 @@ def test_int8_linear_is_the_quantised_matmul():
     xq = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
     torch.testing.assert_close(y, F.linear(xq, w, b), atol=2e-4, rtol=1e-4)
     assert (y - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+
+
+@pytest.mark.parametrize("act", [QuickGELU(), nn.GELU(), nn.GELU(approximate="tanh")])
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_is_the_block_mlp(act, onednn, dtype, monkeypatch):
+    """The activation fused into c_fc (QuickGELU as swish(1.702 x) / 1.702) computes the same MLP, through
+    oneDNN's fused matmul and through the plain fallback."""
+    import clip.cpu_inference as ci
+
+    monkeypatch.setattr(ci, "_onednn_linear_available", lambda: onednn)
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(32, 4)
+    block.mlp.gelu = act
+    block.to(dtype)
+    fused = ci._fused_mlp(block.mlp)
+    assert isinstance(fused.c_fc, ci.OneDNNLinear) and (fused.c_fc._packed is not None) == onednn
+    x = torch.randn(6, 3, 32, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), block.mlp(x), atol=tol, rtol=tol)
+
+
+def test_fp32_blocks_run_through_onednn(tiny_model):
+    import clip.cpu_inference as ci
+
+    fast = optimize_for_cpu(tiny_model, "fp32").model
+    blocks = [m for m in fast.modules() if isinstance(m, ResidualAttentionBlock)]
+    assert blocks and all(isinstance(b.attn.in_proj, ci.OneDNNLinear) for b in blocks)
+    assert all(b.mlp.c_fc.activation == "swish" and isinstance(b.mlp.gelu, nn.Identity) for b in blocks)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -170,9 +201,11 @@ def test_api_round_trip(tiny_model, inputs):
         assert per_image.shape == (16, 6) and torch.equal(per_text, per_image.t())
         torch.testing.assert_close(per_image, fast.logits(img, txt))
         assert not any(p.requires_grad for p in fast.parameters())
-    with torch.no_grad():
+    with torch.no_grad():  # fp32 through oneDNN: the same function up to float rounding
         torch.testing.assert_close(clip.optimize_for_cpu(tiny_model, "fp32").encode_image(pixels),
-                                   tiny_model.encode_image(pixels), atol=0, rtol=0)  # fmt: skip
+                                   tiny_model.encode_image(pixels), atol=1e-5, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(clip.optimize_for_cpu(tiny_model, "fp32").encode_text(tokens),
+                                   tiny_model.encode_text(tokens), atol=1e-5, rtol=1e-5)  # fmt: skip
     # The original model is untouched: fp32, trainable, same weights and module types.
     after = tiny_model.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)

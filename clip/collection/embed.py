@@ -324,11 +324,13 @@ def _load_model(cfg: EmbedConfig, device: torch.device) -> tuple[Any, Any, Any]:
     # Loaded on the CPU in fp32 (clip.load would round weights to fp16 on CUDA).
     model, preprocess = clip.load(cfg.model, device="cpu")
     model = model.to(device).eval()
+    if device.type == "cpu" and cfg.precision in ("fp32", "bf16", "int8"):
+        # clip.cpu_inference: oneDNN matmuls (fp32: the same arithmetic), bf16 weights (AVX512-BF16) or int8
+        # linears (VNNI), with no per-call casts.
+        fast = optimize_for_cpu(model, cfg.precision)
+        return fast, preprocess, (None if cfg.precision == "fp32" else model)
     if cfg.precision == "fp32":
         return model, preprocess, None
-    if device.type == "cpu" and cfg.precision in ("bf16", "int8"):
-        # bf16 weights / int8 linears (clip.cpu_inference): AVX512-BF16 and VNNI kernels, no per-call casts.
-        return optimize_for_cpu(model, cfg.precision), preprocess, model
     if cfg.precision == "int8":
         raise ValueError("--precision int8 is a CPU precision; on a GPU use bf16 or fp16")
     return model, preprocess, model  # autocast around the fp32 model; the reference runs without it
