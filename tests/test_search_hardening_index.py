@@ -64,14 +64,16 @@ def run_utf8(*argv) -> tuple[int, bytes]:
         sys.stdout = saved
 
 
-def assert_vectors_are_the_models(idx_dir: Path, encoders: dict[str, Encoder]) -> None:
-    """Every stored vector is the embedding, by the model the index records, of its own file."""
-    from clip.preprocess import load_image
+def assert_vectors_are_the_models(idx_dir: Path, expected: dict[str, dict[str, np.ndarray]]) -> None:
+    """Every stored vector is the embedding, by the model the index records, of its own file.
 
+    expected: model identity -> {path: that model's embedding of the file}.
+    """
     with Index.open(idx_dir) as idx:
-        encoder = encoders[idx.model_identity]
+        vectors = expected[idx.model_identity]
         snap = idx._load().snap
-        fresh = encoder.encode_images([load_image(p, exif=True) for p in snap.paths]).numpy()
+    assert snap.paths == sorted(vectors)
+    fresh = np.stack([vectors[p] for p in snap.paths])
     np.testing.assert_allclose(snap.vectors.astype(np.float32), fresh, atol=2e-3)
 
 
@@ -111,11 +113,12 @@ print(json.dumps(results))
 
 
 def test_two_processes_creating_one_index_never_mix_models(tmp_path):
+    from clip.preprocess import load_image
+
     photos = tmp_path / "photos"
-    make_photos(photos, 3)
+    paths = make_photos(photos, 3)
     ckpts = [write_checkpoint(tmp_path / f"m{s}.pt", s) for s in (0, 1)]
-    encoders = {e.identity: e for e in (Encoder.load(c, "cpu") for c in ckpts)}
-    rounds = 6
+    rounds = 5
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     procs = [
         subprocess.Popen(
@@ -127,10 +130,16 @@ def test_two_processes_creating_one_index_never_mix_models(tmp_path):
         for tag, ckpt in enumerate(ckpts)
     ]
     try:
+        # While the processes start: each model's own embedding of each photo.
+        images = [load_image(p, exif=True) for p in paths]
+        expected = {}
+        for encoder in (Encoder.load(c, "cpu") for c in ckpts):
+            expected[encoder.identity] = dict(zip(paths, encoder.encode_images(images).numpy(), strict=True))
         for r in range(rounds):  # release both processes at the same instant, round after round
             deadline = time.monotonic() + 120
             while not all((tmp_path / f"ready{r}-{t}").exists() for t in (0, 1)):
-                assert all(p.poll() is None for p in procs), procs[0].stderr.read().decode()[-3000:]
+                for p in procs:
+                    assert p.poll() is None, p.stderr.read().decode()[-3000:]
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             (tmp_path / f"go{r}").touch()
@@ -145,7 +154,7 @@ def test_two_processes_creating_one_index_never_mix_models(tmp_path):
     for r in range(rounds):
         # Exactly one model wins each new index; the other process is told so.
         assert sorted(res[r] for res in results) == ["mismatch", "ok"], (r, results)
-        assert_vectors_are_the_models(tmp_path / f"idx{r}", encoders)
+        assert_vectors_are_the_models(tmp_path / f"idx{r}", expected)
 
 
 def test_non_utf8_file_names_are_indexed_searched_and_printed(tmp_path):
