@@ -103,7 +103,9 @@ class VisionConfig:
                 )
         else:
             _check_int("ViT layers", self.layers)
-            if self.image_size % self.patch_size:
+            # SigLIP towers (no class token) may leave a remainder: SO400M/14 at 384 px runs 27 x 27 patches,
+            # its patch conv dropping the last 6 pixels, as timm and Hugging Face run it.
+            if self.image_size % self.patch_size and self.class_token:
                 raise ValueError(
                     f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
                 )

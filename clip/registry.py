@@ -44,6 +44,10 @@ def from_open_clip(cfg: dict[str, Any], quick_gelu: bool | None = None) -> CLIPC
     if not isinstance(cfg, dict):
         raise ValueError(f"an OpenCLIP model config must be a JSON object, got {type(cfg).__name__}")
     v, t = dict(cfg.get("vision_cfg") or {}), dict(cfg.get("text_cfg") or {})
+    if "timm_model_name" in v and "hf_model_name" not in t:  # SigLIP: its timm tower is built natively
+        from clip.siglip import from_open_clip_siglip
+
+        return from_open_clip_siglip(cfg, quick_gelu)
     if "timm_model_name" in v or "hf_model_name" in t:
         raise ValueError("this OpenCLIP config uses a timm or Hugging Face tower; see clip.siglip for SigLIP")
     unknown = sorted(set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text",
@@ -182,6 +186,10 @@ def _all() -> dict[str, CLIPConfig]:
     out = openai_configs()
     for name, raw in open_clip_raw_configs().items():
         out.setdefault(name, from_open_clip(raw))
+    from clip.siglip import siglip_configs  # OpenCLIP's ViT-*-SigLIP*: clip/data/siglip_archs.json
+
+    for name, cfg in siglip_configs().items():
+        out.setdefault(name, cfg)
     out.update(small_configs())
     return out
 
