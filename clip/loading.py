@@ -40,6 +40,12 @@ class Resolved:
 def _shape_config(reading: Reading, path: Path, quick_gelu: bool | None) -> CLIPConfig:
     from clip.registry import OPENAI_NAMES, get
 
+    if "visual.head.probe" in reading.state_dict:  # SigLIP: many architectures share its tensor shapes
+        raise ValueError(
+            f"{path} ({reading.format}) is a SigLIP state dict that does not record its architecture: pass "
+            "arch=NAME (e.g. arch='ViT-B-16-SigLIP'; `clip models` lists them), or keep OpenCLIP's "
+            "open_clip_config.json beside it"
+        )
     try:
         candidate = infer_config(reading.state_dict, quick_gelu=True)
     except ValueError as err:
@@ -258,7 +264,8 @@ def load(
     model.tokenizer_dir = r.tokenizer_dir
     if torch.device(device).type == "cuda":
         convert_weights(model, torch.float16)
-    return model, image_transform(cfg.vision.image_size, mean=cfg.mean, std=cfg.std)
+    return model, image_transform(cfg.vision.image_size, mean=cfg.mean, std=cfg.std,
+                                  resize_mode=cfg.resize_mode, interpolation=cfg.interpolation)  # fmt: skip
 
 
 def save_checkpoint(model: CLIP, path: str | os.PathLike) -> None:

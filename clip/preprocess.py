@@ -197,27 +197,46 @@ def _check_resolution(resolution: int) -> None:
 # ------------------------------------------------------------------------------------------- transforms
 
 
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """CLIP's evaluation transform: PIL image (any mode, any size) -> float32 [3, resolution, resolution].
 
     Equal to openai/CLIP's torchvision `Compose` (see the module docstring for the rules and the handful of
     modes that are mapped first). Picklable, so it can go to DataLoader workers.
+
+    OpenCLIP's other preprocessing options: `resize_mode="squash"` resizes both sides to `resolution` with no
+    crop (SigLIP, CLIPA: torchvision's `Resize((n, n))`, Hugging Face's `SiglipImageProcessor`), and
+    `interpolation="bilinear"` resamples bilinearly; both resize in the image's own mode, as above.
     """
 
     resolution: int
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
         _check_resolution(self.resolution)
+        if self.resize_mode not in ("shortest", "squash") or self.interpolation not in _RESAMPLING:
+            raise ValueError(
+                f"resize_mode must be 'shortest' or 'squash' and interpolation 'bicubic' or 'bilinear', got "
+                f"{self.resize_mode!r} and {self.interpolation!r}"
+            )
         mean, std = _check_mean_std(self.mean, self.std)
         object.__setattr__(self, "mean", mean)  # frozen: store normalised tuples (lists would not hash)
         object.__setattr__(self, "std", std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = _prepare_mode(img)
-        img = center_crop(resize_short_side(img, self.resolution), self.resolution)
+        n, resample = self.resolution, _RESAMPLING[self.interpolation]
+        if self.resize_mode == "squash":
+            img = img if img.size == (n, n) else img.resize((n, n), resample)
+        else:
+            size = resized_size(img.width, img.height, n)
+            img = center_crop(img if size == img.size else img.resize(size, resample), n)
         return _rgb_to_tensor(img, self.mean, self.std)
 
     @property
@@ -226,14 +245,21 @@ class Preprocess:
         code that slices `preprocess.transforms`; composed they equal this transform exactly."""
         from clip.transforms import openai_steps
 
+        if (self.resize_mode, self.interpolation) != ("shortest", "bicubic"):  # not openai/CLIP's steps
+            raise ValueError(
+                f"transforms lists openai/CLIP's steps (short side, bicubic, centre crop); this transform is "
+                f"resize_mode={self.resize_mode!r}, interpolation={self.interpolation!r}: call it directly"
+            )
         return openai_steps(self.resolution, self.mean, self.std)
 
 
 def image_transform(
-    resolution: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
-) -> Preprocess:
-    """The transform `clip.load` returns for a model with input size `resolution` (e.g. 224 or 336)."""
-    return Preprocess(resolution, tuple(mean), tuple(std))
+    resolution: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD, *,
+    resize_mode: str = "shortest", interpolation: str = "bicubic",
+) -> Preprocess:  # fmt: skip
+    """The transform `clip.load` returns for a model with input size `resolution` (e.g. 224 or 336);
+    `resize_mode` / `interpolation` as the model's config says (SigLIP: "squash", "bicubic")."""
+    return Preprocess(resolution, tuple(mean), tuple(std), resize_mode, interpolation)
 
 
 @dataclass(frozen=True)
