@@ -11,8 +11,11 @@ Two things make 1,000 classes x 80 templates fast without changing the result:
 * the text Transformer is causal and pools at the end-of-text token, so the features of a text depend only
   on the tokens up to its end-of-text token: each batch is cut to its longest text (prompts are ~10 of 77
   positions) on the CPU, before it goes to the device, so no host sync is needed on an accelerator either.
-  This holds for this project's `clip.model.CLIP`; any other model (anything with `encode_text`) gets the
-  full context length.
+  This holds for this project's `clip.model.CLIP` with a causal text tower; SigLIP's bidirectional tower, and
+  any other model (anything with `encode_text`), gets the full context length.
+
+The default tokenizer is the model's own (`clip.get_tokenizer`: SigLIP's and CLIPA's are Hugging Face
+tokenizers), OpenAI's BPE for every other model.
 """
 
 from __future__ import annotations
@@ -30,14 +33,20 @@ def _trim(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Cut a batch of ids [B, context_length] after its longest text, for this project's causal CLIP only."""
     from clip.model import CLIP
 
-    if not isinstance(model, CLIP):
-        return tokens  # other models (e.g. OpenCLIP's) may need the full context length
+    if not isinstance(model, CLIP) or not model.config.text.cut_after_eot:
+        return tokens  # other models (e.g. OpenCLIP's, SigLIP's bidirectional tower) need the full length
     return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # argmax: the end-of-text token, the highest id
 
 
-def _default_tokenizer(context_length: int) -> Callable[[list[str]], torch.Tensor]:
+def _default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
+    from clip.model import CLIP
     from clip.tokenizer import tokenize
 
+    if isinstance(model, CLIP) and model.config.text.hf_tokenizer_name:  # SigLIP, CLIPA, -worldwide
+        from clip.loading import get_tokenizer
+
+        return get_tokenizer(model)
+    context_length = int(getattr(model, "context_length", 77))
     return lambda texts: tokenize(texts, context_length=context_length, truncate=True)
 
 
@@ -61,7 +70,7 @@ def zero_shot_classifier(
     model: a CLIP (anything with `encode_text`; put it in eval mode first). classnames: C names.
     templates: T strings with ``{}`` (e.g. ``clip.data.templates.templates("imagenet")``). `batch_size`
     texts are encoded at a time; `device` defaults to the model's. `tokenizer` maps a list of texts to
-    ids [N, context_length] (default: this project's, truncating at the model's context length).
+    ids [N, context_length] (default: the model's own, truncating at its context length).
     Image features [N, D] (normalised) @ the result gives cosine logits [N, C].
     """
     classnames = list(classnames)
@@ -71,7 +80,7 @@ def zero_shot_classifier(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else _model_device(model)
-    tokenizer = tokenizer or _default_tokenizer(int(getattr(model, "context_length", 77)))
+    tokenizer = tokenizer or _default_tokenizer(model)
 
     # Class-major order: text i belongs to class i // T.
     texts = [p for c in classnames for p in format_prompts(c, templates)]
@@ -94,3 +103,21 @@ def zero_shot_classifier(
         sums.index_add_(0, owner[idx].to(device), feats)
     # The mean of the T unit vectors, renormalised; dividing by T first would not change the direction.
     return F.normalize(sums, dim=-1).t().contiguous()
+
+
+def zero_shot_probabilities(
+    model: nn.Module, image_features: torch.Tensor, classifier: torch.Tensor
+) -> torch.Tensor:
+    """L2-normalised image features [N, D] and `zero_shot_classifier` weights [D, C] -> probabilities [N, C].
+
+    A sigmoid model (SigLIP: `model.config.sigmoid`) scores every label on its own, sigmoid(scale * cos +
+    bias): its own logits (`CLIP.logits`) through a sigmoid, as SigLIP defines them (Zhai et al., 2023), so
+    a row need not sum to 1.  Any other model: the softmax over the labels of its learned scale times the
+    cosines, the scale clamped at 100 as OpenAI clamps it in training (100 for a model without one).
+    """
+    cos = image_features.float() @ classifier.to(image_features.device).float()  # [N, C]
+    if getattr(getattr(model, "config", None), "sigmoid", False):
+        scale = model.logit_scale.detach().float().exp().to(cos.device)
+        return torch.sigmoid(scale * cos + model.logit_bias.detach().float().to(cos.device))
+    scale = model.logit_scale.detach().exp().clamp(max=100.0) if hasattr(model, "logit_scale") else 100.0
+    return (float(scale) * cos).softmax(dim=-1)

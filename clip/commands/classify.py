@@ -2,7 +2,8 @@
 
 Labels are used as written unless --templates is given, in which case each label is put into every
 template ("a photo of a {}.") and the prompts are ensembled (`clip.zero_shot_classifier`). Probabilities
-are the softmax of the model's scaled cosine similarities over the labels.
+are the softmax of the model's scaled cosine similarities over the labels; for a SigLIP model, each label's
+own sigmoid (`clip.zeroshot.zero_shot_probabilities`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def classify_images(args: argparse.Namespace) -> dict[str, Any]:
     """Run the classification; returns {'results': [...], 'skipped': [...], 'labels': [...], ...}."""
     from clip.data.templates import resolve_templates
     from clip.evaluation.features import autocast, describe_failures, encode_images
-    from clip.zeroshot import zero_shot_classifier
+    from clip.zeroshot import zero_shot_classifier, zero_shot_probabilities
 
     labels = _labels(args)
     templates = resolve_templates(args.templates, default=["{}"])
@@ -76,11 +77,7 @@ def classify_images(args: argparse.Namespace) -> dict[str, Any]:
         args.precision,
         progress,
     )
-    # OpenAI's models learn a temperature; 100 is its clamp during training.
-    scale = (
-        float(model.logit_scale.detach().exp().clamp(max=100.0)) if hasattr(model, "logit_scale") else 100.0
-    )
-    probs = (scale * enc.features @ classifier.cpu()).softmax(dim=-1)  # [N_ok, K]
+    probs = zero_shot_probabilities(model, enc.features, classifier.cpu())  # [N_ok, K]
     top = probs.topk(min(args.top, len(labels)), dim=-1)
     results = [
         {

@@ -77,7 +77,8 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
     ("--grad-checkpointing", "model", "grad_checkpointing",
      dict(action="store_true", help="recompute activations in backward (less memory)")),
     ("--compile", "model", "compile", dict(action="store_true", help="torch.compile the model")),
-    ("--loss", "optim", "loss", dict(choices=LOSSES, default="clip", help="clip (InfoNCE) or siglip (sigmoid)")),
+    ("--loss", "optim", "loss", dict(choices=LOSSES, help="clip (InfoNCE) or siglip (sigmoid); default: the model's "
+                                                           "own (siglip for a SigLIP model, else clip)")),
     ("--lr", "optim", "lr", dict(type=positive, default=5e-4, help="peak learning rate")),
     ("--wd", "optim", "wd", dict(type=non_negative, default=0.2, help="AdamW weight decay (matrices only)")),
     ("--warmup", "optim", "warmup", dict(type=int, default=1000, help="linear warmup steps")),

@@ -106,7 +106,7 @@ class OptimConfig:
     recomputed with gradients one micro-batch at a time), so it equals one step with a K times larger batch.
     """
 
-    loss: str = "clip"
+    loss: str | None = None  # None: the model's own (`default_loss`): siglip for a SigLIP model, else clip
     lr: float = 5e-4
     wd: float = 0.2
     warmup: int = 1000
@@ -119,7 +119,7 @@ class OptimConfig:
     accum_freq: int = 1
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
+        if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -206,6 +206,12 @@ class TrainConfig:
                 )
             kwargs[name] = group(**values)
         return cls(**kwargs)
+
+
+def default_loss(model_config: Any) -> str:
+    """The loss a model is trained with unless one is chosen: the sigmoid loss for a SigLIP-style model (its
+    config has a logit bias: `CLIPConfig.sigmoid`), InfoNCE otherwise."""
+    return "siglip" if model_config.sigmoid else "clip"
 
 
 def _tuple_field(obj: Any, name: str) -> None:

@@ -9,6 +9,7 @@ The model is wrapped (DDP, torch.compile) in one place and checkpointed bare. On
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -33,7 +34,7 @@ from clip.train.build import (
     check_sources,
     load_model_config,
 )
-from clip.train.config import TrainConfig
+from clip.train.config import TrainConfig, default_loss
 from clip.train.distributed import (
     DistInfo,
     agree,
@@ -166,6 +167,8 @@ def _train(
             stacklevel=2,
         )
     model = _prepare_model(cfg, model, saved)
+    if cfg.optim.loss is None:  # the model's own loss, written into config.json and the checkpoints
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, loss=default_loss(model.config)))
     run = _setup(cfg, info, model, saved, dataset, order)
     run.on_step = on_step
     stopped = False
@@ -206,7 +209,7 @@ def _prepare_model(cfg: TrainConfig, model: CLIP | None, saved: dict | None) -> 
         return model
     if model is None:
         model = build_model(cfg)
-        if cfg.optim.loss == "siglip" and not cfg.model.pretrained:
+        if (cfg.optim.loss or default_loss(model.config)) == "siglip" and not cfg.model.pretrained:
             with torch.no_grad():  # SigLIP starts the temperature at 10, not 1 / 0.07 (Zhai et al., 2023)
                 model.logit_scale.fill_(math.log(10.0))
     return model

@@ -37,8 +37,14 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.clip = model
         self.loss = loss
-        # SigLIP starts the bias at -10 so that the many negatives begin with a small loss (Zhai et al., 2023).
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if loss == "siglip" else None
+        # SigLIP starts the bias at -10 so that the many negatives begin with a small loss (Zhai et al., 2023);
+        # a SigLIP model brings its own (pretrained) bias, and the loss trains that one.
+        own = getattr(model, "logit_bias", None)
+        self.logit_bias = None
+        if loss == "siglip":
+            self.logit_bias = own if own is not None else nn.Parameter(torch.tensor(-10.0))
+        elif own is not None:  # InfoNCE has no bias: frozen, so neither AdamW nor DDP waits for its gradient
+            own.requires_grad_(False)
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image = F.normalize(self.clip.encode_image(images).float(), dim=-1)
@@ -72,7 +78,8 @@ def to_device(batch: Batch | None, ctx: StepContext) -> Micro:
     rank still runs the forward and backward its collectives expect."""
     device = ctx.info.device
     if batch is not None and batch.size > 0:
-        texts = trim_text(batch.texts)
+        # Only where later positions cannot matter (causal, end-of-text pooled); SigLIP's text tower sees them.
+        texts = trim_text(batch.texts) if ctx.inner.clip.config.text.cut_after_eot else batch.texts
         return Micro(
             batch.images.to(device, non_blocking=True), texts.to(device, non_blocking=True), batch.size
         )
