@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from clip.collection import shards
 from clip.collection.sources import Collection, Sample, Unit, decode, require_pyarrow
+from clip.collection.video import VideoOptions
 from clip.cpu_inference import CPUInferenceModel
 
 JOB_FORMAT = 1
@@ -49,6 +50,8 @@ class EmbedConfig:
     caption_key: str = "caption"
     separator: str | None = None
     progress: bool = True
+    frame_interval: float = 1.0  # videos: a frame every this many seconds
+    max_frames_per_video: int = 10_000
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1:
@@ -61,8 +64,12 @@ class EmbedConfig:
             raise ValueError(
                 f"unknown precision {self.precision!r}; use one of {', '.join(EMBED_PRECISIONS)}"
             )
+        self.video_options()  # checks the video options
         if self.precision == "int8" and self.device == "cuda":
             raise ValueError("--precision int8 is a CPU precision; on a GPU use bf16 or fp16")
+
+    def video_options(self) -> VideoOptions:
+        return VideoOptions(self.frame_interval, self.max_frames_per_video)
 
 
 # ------------------------------------------------------------------------------------- worker side
@@ -116,7 +123,8 @@ class _Builder:
             return
         self.pixels.append(out.pixels)
         self.captions.append(out.caption)
-        self.meta.append((sample.key, sample.path, self.tar, out.caption, out.width, out.height, sample.row))
+        self.meta.append((sample.key, sample.path, self.tar, out.caption, out.width, out.height, sample.row,
+                          sample.frame_time, sample.video))  # fmt: skip
 
     def take(self, context_length: int | None, chunk_end: bool = False) -> Piece:
         from clip.tokenizer import tokenize
@@ -182,7 +190,7 @@ class _ChunkBuffer:
         text = None
         if with_text:
             text = np.concatenate(self.text) if self.text else np.zeros((0, dim), np.float16)
-        cols = list(zip(*self.meta)) if self.meta else [[] for _ in range(7)]
+        cols = list(zip(*self.meta)) if self.meta else [[] for _ in range(9)]
         return shards.ChunkData(emb, *[list(c) for c in cols], text_embeddings=text)
 
 
@@ -347,7 +355,9 @@ def run_embed(cfg: EmbedConfig) -> dict:
     from clip.train.distributed import barrier, gather_objects, init_from_env, shutdown
 
     require_pyarrow("clip embed's Parquet metadata files")
-    collection = open_collection(list(cfg.inputs), cfg.img_key, cfg.caption_key, cfg.separator)
+    collection = open_collection(
+        list(cfg.inputs), cfg.img_key, cfg.caption_key, cfg.separator, cfg.video_options()
+    )
     info = init_from_env(cfg.device)
     try:
         model, preprocess, reference = _load_model(cfg, info.device)

@@ -2,7 +2,9 @@
 
     OUT/embed.json                       the job (model, input, shard size, ...); a resumed job must match it
     OUT/img_emb/part-UUUUUU-CCC.npy      [n, D] float16 unit-norm image embeddings of chunk CCC of unit UUUUUU
-    OUT/metadata/part-UUUUUU-CCC.parquet n rows: key, path, tar, caption, width, height, row (+ text_emb [D])
+    OUT/metadata/part-UUUUUU-CCC.parquet n rows: key, path, tar, caption, width, height, row, frame_time and
+                                         video (a video frame's time in seconds and file; null for images)
+                                         (+ text_emb [D])
     OUT/status/part-UUUUUU-CCC.json      the chunk is complete: input rows read, rows embedded, skipped errors
     OUT/status/part-UUUUUU.json          the unit is complete: how many chunks it has
     OUT/report.json                      totals and every skipped input (rewritten at the end of each run)
@@ -51,6 +53,8 @@ class ChunkData:
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
+    frame_times: list[float | None] = field(default_factory=list)
+    videos: list[str | None] = field(default_factory=list)
     text_embeddings: np.ndarray | None = None
 
 
@@ -65,6 +69,8 @@ def _metadata_table(data: ChunkData):
         "width": pa.array(data.widths, pa.int32()),
         "height": pa.array(data.heights, pa.int32()),
         "row": pa.array(data.rows, pa.int64()),
+        "frame_time": pa.array(data.frame_times or [None] * len(data.keys), pa.float64()),
+        "video": pa.array(data.videos or [None] * len(data.keys), pa.string()),
     }
     if data.text_embeddings is not None:
         t = np.ascontiguousarray(data.text_embeddings, dtype=np.float16)
@@ -172,7 +178,8 @@ def load_metadata(out: str | os.PathLike, columns: list[str] | None = None):
     ]
     if not tables:
         raise ValueError(f"{out} holds no finished metadata shards; run `clip embed` into it first")
-    return pa.concat_tables(tables)
+    # promote: shards written before the frame_time / video columns existed read as nulls there
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def text_embeddings(table) -> np.ndarray:

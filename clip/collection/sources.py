@@ -5,6 +5,9 @@
   A folder that holds no images but `.tar` files is read as WebDataset shards.
 * A table: CSV / TSV (`clip.train.data.read_csv`: a header row, columns `filepath` and `caption` by default)
   or Parquet (the same columns; needs pyarrow). Paths are relative to the table's folder.
+* Videos (`clip.collection.video.VIDEO_EXTENSIONS`, in a folder or listed in a table): one sample per frame
+  kept (every `VideoOptions.frame_interval` seconds), keyed `PATH#t=SECONDS` (a media-fragment time), with
+  the frame's time and the video's path in the metadata. Each video is a unit of its own.
 * WebDataset shards (img2dataset's layout): `.tar` files whose members `KEY.jpg` (or .jpeg/.png/.webp) and
   `KEY.txt` or `KEY.json` (its "caption") make one sample. Pass them as paths (the shell expands
   `shards/{00000..00009}.tar`) or as their folder.
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+
+from clip.collection.video import VideoOptions, is_video_name, read_frames, walk_videos
 
 EMBED_EXTRA = "pip install 'clipforge[embed]'"
 CSV_SUFFIXES = (".csv", ".tsv", ".tab")
@@ -49,6 +54,7 @@ class Sample:
     row: its position in the input (folder / table row) or in its tar shard; path: the image file, or None
     when `data` holds the image bytes (tar); caption: the text, or None to read `caption_path` when decoding.
     error: set when the sample cannot be used at all (no image in a tar sample, an unreadable shard).
+    A video frame has `frame_time` (seconds), `video` (the file) and the decoded `image`.
     """
 
     key: str
@@ -58,6 +64,9 @@ class Sample:
     caption_path: str | None = None
     data: bytes | None = None
     error: str | None = None
+    frame_time: float | None = None
+    video: str | None = None
+    image: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,11 @@ class Collection:
     captions: list[str | None]
     caption_files: bool = False  # captions[i] is a .txt path read when decoding
     tars: tuple[str, ...] = ()
+    video: VideoOptions = VideoOptions()
+
+    @property
+    def has_videos(self) -> bool:
+        return any(is_video_name(p) for p in self.paths)
 
     def __len__(self) -> int:
         """Number of rows (folders, tables); 0 for tar shards, whose sample count is known only once read."""
@@ -97,7 +111,17 @@ class Collection:
         if self.kind == "tar":
             return [Unit(i, tar=t) for i, t in enumerate(self.tars)]
         n = len(self.keys)
-        return [Unit(i, s, min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
+        if not self.has_videos:
+            return [Unit(i, s, min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
+        # A video expands to many frames: it is a unit of its own; the images between videos are sliced.
+        bounds, start = [], 0
+        for row, path in enumerate(self.paths):
+            if is_video_name(path):
+                bounds += [(s, min(s + shard_size, row)) for s in range(start, row, shard_size)]
+                bounds.append((row, row + 1))
+                start = row + 1
+        bounds += [(s, min(s + shard_size, n)) for s in range(start, n, shard_size)]
+        return [Unit(i, a, b) for i, (a, b) in enumerate(bounds)]
 
     def samples(self, unit: Unit) -> Iterator[Sample]:
         """The samples of `unit`, in input order (a tar is streamed; nothing is decoded yet)."""
@@ -106,14 +130,31 @@ class Collection:
             return
         for i in range(unit.start, unit.stop):
             text = self.captions[i]
-            if self.caption_files:
+            if is_video_name(self.paths[i]):
+                yield from self._frames(i)
+            elif self.caption_files:
                 yield Sample(self.keys[i], i, path=self.paths[i], caption_path=text)
             else:
                 yield Sample(self.keys[i], i, path=self.paths[i], caption=text or "")
 
+    def _frames(self, i: int) -> Iterator[Sample]:
+        """The kept frames of the video in row i as samples (decoded lazily); a problem as one error sample."""
+        caption = None if self.caption_files else (self.captions[i] or "")
+        caption_path = self.captions[i] if self.caption_files else None
+        for frame in read_frames(self.paths[i], self.video):
+            if isinstance(frame, str):
+                yield Sample(self.keys[i], i, path=self.paths[i], error=frame)
+                continue
+            key = f"{self.keys[i]}#t={frame.time:.3f}"
+            yield Sample(key, i, path=self.paths[i], caption=caption, caption_path=caption_path,
+                         frame_time=frame.time, video=self.paths[i], image=frame.image)  # fmt: skip
+
     def describe(self) -> dict:
         """What identifies this input in a job file (a resumed job must read the same input)."""
-        return {"kind": self.kind, "source": self.source, "rows": len(self.keys), "tars": list(self.tars)}
+        out = {"kind": self.kind, "source": self.source, "rows": len(self.keys), "tars": list(self.tars)}
+        if self.has_videos:  # the sampling changes the output; image-only jobs keep their old record
+            out["video"] = {"frame_interval": self.video.frame_interval, "max_frames": self.video.max_frames}
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ opening
@@ -124,8 +165,18 @@ def open_collection(
     img_key: str = "filepath",
     caption_key: str = "caption",
     separator: str | None = None,
+    video: VideoOptions | None = None,
 ) -> Collection:
-    """A folder, one CSV/TSV/Parquet table, or WebDataset `.tar` shards (several paths, or their folder)."""
+    """A folder, one CSV/TSV/Parquet table, or WebDataset `.tar` shards (several paths, or their folder).
+
+    Videos in a folder or table are sampled as `video` says (default: a frame a second)."""
+    collection = _open(inputs, img_key, caption_key, separator)
+    if video is not None:
+        collection.video = video
+    return collection
+
+
+def _open(inputs: list[str], img_key: str, caption_key: str, separator: str | None) -> Collection:
     from clip.train.wds import TAR_SUFFIXES
 
     if not inputs:
@@ -169,7 +220,7 @@ def _folder_collection(root: str, tar_suffixes: tuple[str, ...]) -> Collection:
     from clip.search.scan import IMAGE_EXTENSIONS, walk_images
 
     root = os.path.abspath(root)
-    paths = walk_images(root)
+    paths = sorted(walk_images(root) + walk_videos(root))
     if paths:
         keys = [os.path.relpath(p, root) for p in paths]
         captions: list[str | None] = [os.path.splitext(p)[0] + ".txt" for p in paths]
@@ -178,7 +229,7 @@ def _folder_collection(root: str, tar_suffixes: tuple[str, ...]) -> Collection:
     if tars:
         return _tar_collection(tars)
     raise ValueError(
-        f"folder {root!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no .tar shards"
+        f"folder {root!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), no videos and no .tar shards"
     )
 
 
@@ -296,7 +347,9 @@ def decode(sample: Sample, preprocess: Callable[[Image.Image], torch.Tensor]) ->
     if sample.error is not None:
         return sample.error
     try:
-        if sample.data is not None:
+        if sample.image is not None:  # a video frame, decoded while reading the video
+            img = sample.image
+        elif sample.data is not None:
             img = load_image_bytes(sample.data, sample.key)
         elif sample.path:
             img = load_image(sample.path, exif=True)

@@ -11,12 +11,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="embed a large collection into float16 .npy shards + Parquet metadata (resumable, torchrun)",
         description=(
             "Embed every image of INPUT (a folder of images with optional same-named .txt captions, a "
-            "CSV/TSV/Parquet table filepath,caption, or WebDataset .tar shards / their folder) into OUT: "
+            "CSV/TSV/Parquet table filepath,caption, or WebDataset .tar shards / their folder; videos in a folder or "
+            "table give one row per frame, see --frame-interval) into OUT: "
             "img_emb/*.npy (float16, unit norm) and metadata/*.parquet (key, path, caption, width, height, and "
             "text_emb with --text). Run under `torchrun --nproc_per_node N -m clip embed ...` to split the work "
             "over ranks; the output is the same for any number of ranks and workers. Rerun the same command "
             "to resume a killed job (finished shards are skipped). Unreadable images are skipped and listed in "
-            "OUT/report.json. Needs pyarrow: pip install 'clipforge[embed]'."
+            "OUT/report.json. Needs pyarrow (and PyAV for videos): pip install 'clipforge[embed]'."
         ),
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="folder, table, or .tar shards")
@@ -49,6 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--csv-img-key", default="filepath", help="image-path column (default filepath)")
     parser.add_argument("--csv-caption-key", default="caption", help="caption column (default caption)")
     parser.add_argument("--csv-separator", help="column separator (default: tab for .tsv, else comma)")
+    parser.add_argument(
+        "--frame-interval", type=float, default=1.0, metavar="S",
+        help="videos (.mp4, .webm, .mkv, .mov, ...): embed one frame every S seconds (default 1.0); each frame "
+        "is a row keyed PATH#t=SECONDS with metadata columns frame_time and video",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-frames-per-video", type=int, default=10_000, metavar="N",
+        help="stop a video after N frames (default 10000); the rest is reported",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)
 
@@ -60,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         inputs=tuple(args.inputs), output=args.output, model=args.model, shard_size=args.shard_size,
         batch_size=args.batch_size, workers=args.workers, text=args.text, precision=args.precision,
         device=args.device, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-        separator=args.csv_separator, progress=not args.no_progress,
+        separator=args.csv_separator, progress=not args.no_progress, frame_interval=args.frame_interval,
+        max_frames_per_video=args.max_frames_per_video,
     )  # fmt: skip
     report = run_embed(cfg)
     if report:  # rank 0
