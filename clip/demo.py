@@ -5,7 +5,10 @@ project's ordinary model, tokenizer and training loop.  Three zero-shot cells ar
   style   - the held-out Fluent 3D renders of seen concepts (classes: all seen concepts);
   concept - held-out concepts drawn in the training styles (classes: the held-out concepts);
   both    - held-out concepts in the held-out style.
-Outputs in OUT: report.md, results.json, curves.png, examples.png, checkpoints/latest.pt.
+Outputs in OUT: report.md, results.json, curves.png, examples.png, retrieval.png, checkpoints/latest.pt.
+
+The run's length is planned from timed steps for what this machine does idle, and kept when the machine gets
+busy (the run then ends later and says why); `strict_time` cuts it at the budget instead (`clip.demo_pace`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clip import demo_pace as pace
 from clip.config import CLIPConfig, TextConfig, VisionConfig
-from clip.data.emoji import CELLS, EmojiData, load_emoji
-from clip.data.emoji_train import EmojiPairs, concept_balanced_order, eval_images, subset_concepts
-from clip.evaluation.metrics import topk_accuracy
+from clip.data.emoji import EmojiData, load_emoji
+from clip.data.emoji_train import EmojiPairs, concept_balanced_order, subset_concepts
+from clip.demo_report import (
+    category_breakdown,
+    evaluate_cells,
+    example_dict,
+    report_markdown,
+    results_table,
+    retrieval,
+    score_cells,
+)
 from clip.io import atomic_write_json, atomic_write_text
 from clip.model import CLIP
-from clip.zeroshot import zero_shot_classifier
 
 # The demo architecture, chosen by the measurements recorded in docs/demo-experiments.md.
 DEMO_MODEL = CLIPConfig(
@@ -42,8 +53,11 @@ DEMO_MODEL = CLIPConfig(
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The main job's knobs.  `minutes` bounds the whole run (training + evaluation) on the wall clock;
-    `steps` fixes the training length instead (tests).  `max_concepts` trains on a random slice."""
+    """The main job's knobs.  `minutes` is the whole run's budget (training + evaluation) on this machine idle:
+    the number of steps is planned for it and kept on a busy machine, which then takes longer; `strict_time`
+    stops at the budget instead (lower scores).  `steps` fixes the training length (tests).  `max_concepts`
+    trains on a random slice.  `timing_cache`: where idle timings are remembered (None: the user cache folder,
+    "": nowhere)."""
 
     output_dir: str = "demo-out"
     minutes: float = 10.0
@@ -62,46 +76,66 @@ class DemoConfig:
     seed: int = 0
     workers: int = 0
     progress: bool = True
+    strict_time: bool = False
+    timing_cache: str | None = None
 
 
-def plan_steps(cfg: DemoConfig, model: CLIP, pairs: EmojiPairs, budget_s: float) -> tuple[int, int]:
-    """(training steps that fit `budget_s`, CPU threads to use), from timing a few real steps.
-
-    Both all cores and one thread are timed: on a busy machine PyTorch's worker threads spin-wait
-    for cores they cannot get, and one thread can then be many times faster than two.
-    """
+def calibrate(model: CLIP, pairs: EmojiPairs, batch_size: int, choices: tuple[int, ...]) -> pace.Calibration:
+    """Time real training steps with each thread count in `choices`, and how busy the machine looks."""
     from clip.train.loss import clip_loss
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    batch = [pairs.get(j, 10**6) for j in range(min(cfg.batch_size, len(pairs)))]  # an unused epoch
+    batch = [pairs.get(j, 10**6) for j in range(min(batch_size, len(pairs)))]  # an unused epoch
     images = torch.stack([b[0] for b in batch])
     tokens = torch.stack([b[1] for b in batch])
-    data_s = _timed(lambda: [pairs.get(j, 10**6 + 1) for j in range(len(batch))])
-    best: tuple[float, int] | None = None
-    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
-        torch.set_num_threads(threads)
 
-        def step() -> None:
-            img = F.normalize(model.encode_image(images), dim=-1)
-            txt = F.normalize(model.encode_text(tokens), dim=-1)
-            clip_loss(img, txt, model.logit_scale.exp()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step() -> None:
+        img = F.normalize(model.encode_image(images), dim=-1)
+        txt = F.normalize(model.encode_text(tokens), dim=-1)
+        clip_loss(img, txt, model.logit_scale.exp()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-        step()  # the first step pays one-off allocation costs
-        per_step = min(_timed(step) for _ in range(3)) + data_s
-        if best is None or per_step < best[0]:
-            best = (per_step, threads)
-    per_step, threads = best
-    torch.set_num_threads(threads)
-    return max(10, int(budget_s / per_step)), threads
+    competing = pace.runnable_others()  # sampled while this process is idle, before it loads the cores
+    timings, data_wall, data_cpu = pace.time_choices(
+        step, lambda: [pairs.get(j, 10**6 + 1) for j in range(len(batch))], choices, torch.set_num_threads
+    )
+    return pace.Calibration(timings, data_wall, data_cpu, competing, os.cpu_count() or 1)
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+@dataclass(frozen=True)
+class Pacing:
+    """A planned run's plan, with where its machine's idle timing is remembered (None: nowhere)."""
+
+    plan: pace.Plan
+    now_step_s: float  # seconds per step at plan.run_threads as measured now (data included)
+    loop_ratio: float
+    cache: Path | None
+    key: str
+
+
+def _plan(cfg: DemoConfig, model: CLIP, pairs: EmojiPairs, batch: int, budget_s: float) -> Pacing:
+    """Calibrate, plan, and remember this machine's idle timing (or use a remembered one when it is busy)."""
+    cache = None if cfg.timing_cache == "" else Path(cfg.timing_cache or pace.default_timing_cache())
+    aug = [cfg.crop_scale, cfg.jitter, cfg.gray_blur, cfg.shade]
+    key = pace.timing_key({"model": cfg.model.to_dict(), "batch": batch, "aug": aug})
+    remembered, ratio = pace.read_remembered(cache, key) if cache else (None, None)
+    ratio = ratio or pace.DEFAULT_LOOP_RATIO
+    cal = calibrate(model, pairs, batch, pace.thread_choices(os.cpu_count()))
+    plan = pace.plan_steps(cal, budget_s, remembered, loop_ratio=ratio)
+    if cache is not None and plan.busy is None:
+        pace.remember(cache, key, idle_step_s=pace.idle_step_seconds(cal))
+    return Pacing(plan, pace.idle_step_seconds(cal)[plan.run_threads], ratio, cache, key)
+
+
+def _learn_loop_ratio(pacing: Pacing | None, verdict: dict[str, Any], stopped_early: bool) -> None:
+    """After a run that stayed idle, remember how much slower the loop's steps were than the calibration's."""
+    if pacing is None or pacing.cache is None or verdict["busy"] or stopped_early or pacing.plan.busy:
+        return
+    loop_step = verdict["train_loop_seconds"] / max(1, verdict["steps"])
+    bare = pacing.plan.step_s / pacing.loop_ratio
+    pace.remember(pacing.cache, pacing.key, loop_ratio=min(1.6, max(1.0, loop_step / bare)))
 
 
 def _train_data(cfg: DemoConfig) -> tuple[EmojiData, EmojiPairs]:
@@ -122,9 +156,24 @@ def _train_data(cfg: DemoConfig) -> tuple[EmojiData, EmojiPairs]:
     return data, pairs
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Train, evaluate, and write the report; returns what results.json holds."""
-    from clip.train import DataConfig, ModelSpec, OptimConfig, RunConfig, TrainConfig, train
+def _say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)  # keeps a progress bar intact
+
+
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Train, evaluate, and write the report; returns what results.json holds. `say` gets the lines the user
+    must see while it runs (a busy machine, a thread change). PyTorch's thread count is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_demo(cfg, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    from clip.train import train
     from clip.train.plots import plotting_available
 
     if not plotting_available():  # say so now, not after ten minutes of training
@@ -132,7 +181,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "clip demo draws curves.png and examples.png with matplotlib, which is not installed: "
             "pip install 'clipforge[demo]'"
         )
-    t_start = time.monotonic()
+    t_start, cpu_start, load_before = time.monotonic(), time.process_time(), pace.loadavg()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     data, pairs = _train_data(cfg)
@@ -140,17 +189,74 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # One image per concept per batch: with fewer than 2 x batch concepts most of an epoch would be dropped.
     n_concepts = len(np.unique(data.image_concept[pairs.indices]))
     batch = max(2, min(cfg.batch_size, n_concepts // 2))
-    threads = torch.get_num_threads()
-    if cfg.steps is not None:
-        steps = cfg.steps
-    else:  # keep ~12% of the budget for start-up, evaluation and the report
-        budget = cfg.minutes * 60 * 0.88 - (time.monotonic() - t_start)
-        steps, threads = plan_steps(cfg, model, pairs, budget)
+    pacing, steps, threads = None, cfg.steps, torch.get_num_threads()
+    if steps is None:  # keep ~12% of the budget for start-up, evaluation and the report
+        startup = min(time.monotonic() - t_start, time.process_time() - cpu_start)  # idle-like: CPU time
+        pacing = _plan(cfg, model, pairs, batch, cfg.minutes * 60 * 0.88 - startup)
+        steps, threads = pacing.plan.steps, pacing.plan.run_threads
         model = CLIP(cfg.model)  # a fresh start: calibration must not leak into the run
+        if pacing.plan.busy:
+            then = (
+                "stops at the budget, with lower scores"
+                if cfg.strict_time
+                else "will take longer than the budget"
+            )
+            say(f"clip demo: the machine is busy ({pacing.plan.busy}); planned {steps:,} steps for what it does "
+                f"idle and keeps them, so this run {then} (see report.md)")  # fmt: skip
+    torch.set_num_threads(threads)
+    governor = pace.ThreadGovernor(
+        pace.thread_choices(os.cpu_count()), threads, pacing.plan.plan_threads if pacing else None,
+        expected=batch / (pacing.now_step_s * pacing.loop_ratio) if pacing else None,
+    )  # fmt: skip
+
+    def on_step(record: dict[str, Any]) -> None:
+        before = len(governor.events)
+        governor(record)
+        for e in governor.events[before:]:
+            if e["from"] != e["to"]:
+                say(f"clip demo: step {e['step']}: {e['from']} -> {e['to']} CPU thread(s) ({e['reason']})")
+
+    strict_s = max(1.0, cfg.minutes * 60 * 0.92 - (time.monotonic() - t_start))
+    train_cfg = _train_config(cfg, out, steps, batch, strict_s if cfg.strict_time and pacing else None)
+    order = concept_balanced_order(data.image_concept[pairs.indices], batch, cfg.seed)
+    result = train(train_cfg, model=model, dataset=pairs, order=order, on_step=on_step)
+    train_s, load_after = time.monotonic() - t_start, pace.loadavg()
+    model = result.model.eval()
+    scores = score_cells(model, data)
+    ret = retrieval(data, scores, seed=cfg.seed)
+    results = {
+        "cells": evaluate_cells(scores),
+        "by_category": category_breakdown(scores, data),
+        "retrieval": {"metrics": ret[0], "examples": [example_dict(data, e) for e in ret[1]]} if ret else None,
+        "steps": result.step, "planned_steps": steps, "stopped_early": result.stopped_early,
+        "samples_seen": result.step * batch, "train_images": len(pairs), "train_concepts": int(n_concepts),
+        "batch_size": batch, "train_seconds": round(train_s, 1), "final_loss": result.loss,
+        "model": cfg.model.to_dict(),
+        "demo_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"},
+        "machine": {"cpu_threads": threads, "cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+    }  # fmt: skip
+    results["pace"] = pace.pace_verdict(
+        plan=pacing.plan if pacing else None, planned_steps=steps, steps_done=result.step,
+        loop_s=result.elapsed_s, elapsed_s=time.monotonic() - t_start, budget_s=cfg.minutes * 60,
+        strict=cfg.strict_time, stopped_early=result.stopped_early, events=governor.events,
+        loads=pace.load_summary(load_before, governor.loads, load_after), thread_steps=dict(governor.thread_steps),
+        cpu_count=os.cpu_count() or 1, cache=str(pacing.cache) if pacing and pacing.cache else None,
+    )  # fmt: skip
+    _learn_loop_ratio(pacing, results["pace"], result.stopped_early)
+    write_report(out, results, scores, ret[1] if ret else [], data)
+    results["wall_seconds"] = round(time.monotonic() - t_start, 1)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _train_config(cfg: DemoConfig, out: Path, steps: int, batch: int, max_seconds: float | None) -> Any:
+    """The training loop's config: the demo's model (as a JSON file in OUT), optimiser and length."""
+    from clip.train import DataConfig, ModelSpec, OptimConfig, RunConfig, TrainConfig
+
     model_json = out / "model_config.json"  # recorded in OUT/config.json by the training loop
     atomic_write_json(model_json, cfg.model.to_dict())
-    order = concept_balanced_order(data.image_concept[pairs.indices], batch, cfg.seed)
-    train_cfg = TrainConfig(
+    return TrainConfig(
         data=DataConfig(batch_size=batch, workers=cfg.workers),
         model=ModelSpec(name=None, config_path=str(model_json)),
         optim=OptimConfig(
@@ -158,116 +264,27 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         ),
         run=RunConfig(
             output_dir=str(out), steps=steps, seed=cfg.seed, save_every=max(steps, 1), keep=1,
-            max_seconds=None if cfg.steps is not None else cfg.minutes * 60 * 0.92, progress=cfg.progress,
-            device="cpu", log_every=10,
+            max_seconds=max_seconds, progress=cfg.progress, device="cpu",
+            log_every=1,  # every step reaches the thread governor right after it ran
         ),
     )  # fmt: skip
-    result = train(train_cfg, model=model, dataset=pairs, order=order)
-    train_s = time.monotonic() - t_start
-    model = result.model.eval()
-    cells = evaluate_cells(model, data)
-    results = {
-        "cells": cells,
-        "steps": result.step,
-        "planned_steps": steps,
-        "stopped_early": result.stopped_early,
-        "samples_seen": result.step * batch,
-        "train_images": len(pairs),
-        "train_concepts": int(n_concepts),
-        "batch_size": batch,
-        "train_seconds": round(train_s, 1),
-        "wall_seconds": round(time.monotonic() - t_start, 1),
-        "final_loss": result.loss,
-        "model": cfg.model.to_dict(),
-        "demo_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"},
-        "machine": {"cpu_threads": threads, "cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-    }
-    write_report(out, results, model, data)
-    results["wall_seconds"] = round(time.monotonic() - t_start, 1)
-    atomic_write_json(out / "results.json", results)
-    return results
 
 
-@torch.no_grad()
-def cell_logits(model: CLIP, data: EmojiData, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine logits [M, K] of cell `kind`'s images against its class captions, and labels [M]."""
-    cell = data.cell(kind)
-    classifier = zero_shot_classifier(model, cell.captions, ["{}"], batch_size=512)  # [D, K]
-    feats = torch.cat([model.encode_image(x) for x in eval_images(data, cell.indices).split(512)])
-    return F.normalize(feats, dim=-1) @ classifier, torch.as_tensor(cell.labels)
+def write_report(out: Path, results: dict[str, Any], scores: dict, examples: list, data: EmojiData) -> None:
+    """report.md, examples.png and retrieval.png (curves.png and the checkpoint come from the training loop)."""
+    from clip.demo_plots import examples_grid, retrieval_grid
 
-
-def evaluate_cells(model: CLIP, data: EmojiData) -> dict[str, dict[str, float]]:
-    """Top-1 / top-5 accuracy and chance levels for the three zero-shot cells."""
-    out = {}
-    for kind in CELLS:
-        logits, labels = cell_logits(model, data, kind)
-        if len(labels) == 0:
-            continue
-        acc = topk_accuracy(logits, labels, ks=(1, 5))
-        k = logits.shape[1]
-        out[kind] = {
-            "top1": round(acc[1], 4), "top5": round(acc[5], 4), "classes": k, "images": len(labels),
-            "chance_top1": round(1 / k, 5), "chance_top5": round(min(5, k) / k, 5),
-        }  # fmt: skip
-    return out
-
-
-CELL_TITLES = {
-    "style": "held-out style (Fluent 3D), seen concepts",
-    "concept": "held-out concepts, training styles",
-    "both": "held-out concepts in the held-out style",
-}
-
-
-def results_table(results: dict[str, Any]) -> str:
-    lines = [
-        "| zero-shot cell | classes | images | top-1 | top-5 | chance top-1 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for kind, r in results["cells"].items():
-        lines.append(
-            f"| {CELL_TITLES[kind]} | {r['classes']} | {r['images']} | {100 * r['top1']:.1f}% | "
-            f"{100 * r['top5']:.1f}% | {100 * r['chance_top1']:.2f}% |"
-        )
-    return "\n".join(lines)
-
-
-def write_report(out: Path, results: dict[str, Any], model: CLIP, data: EmojiData) -> None:
-    """report.md and examples.png (curves.png and the checkpoint come from the training loop)."""
-    from clip.demo_plots import examples_grid
-
-    examples_grid(model, data, out / "examples.png")
-    text = f"""# CLIP on emoji art: zero-shot report
-
-A CLIP ({_describe(results["model"])}) trained for {results["steps"]} steps of {results["batch_size"]}
-pairs ({results["samples_seen"]:,} samples, {results["train_images"]:,} images of {results["train_concepts"]:,}
-concepts in the training styles) in {results["train_seconds"]:.0f} s on {results["machine"]["cpu_threads"]} CPU
-threads, then evaluated zero-shot on what it never saw.
-
-{results_table(results)}
-
-![training curves](curves.png)
-
-![examples: held-out images with their top-3 captions](examples.png)
-
-Weights: `checkpoints/latest.pt` (readable by `clip.load`, `clip classify`, `clip eval`).
-"""
-    atomic_write_text(out / "report.md", text)
-
-
-def _describe(model: dict[str, Any]) -> str:
-    v, t = model["vision"], model["text"]
-    tower = f"ViT {v['layers']}x{v['width']}, patch {v['patch_size']}" if v["kind"] == "vit" else "ResNet"
-    return (
-        f"{tower} at {v['image_size']} px; text {t['layers']}x{t['width']}; {model['embed_dim']}-d embedding"
-    )
+    examples_grid(scores, data, out / "examples.png")
+    if examples:
+        retrieval_grid(examples, data, out / "retrieval.png")
+    atomic_write_text(out / "report.md", report_markdown(results))
 
 
 def print_summary(results: dict[str, Any]) -> None:
     print()
     print(results_table(results))
+    for line in results["pace"]["lines"]:
+        print("- " + line.replace("**", ""))
     print(
         f"\n{results['steps']} steps, {results['samples_seen']:,} samples, "
         f"{results['wall_seconds']:.0f} s wall. Report: {Path(results['checkpoint'] or '.').parents[1] / 'report.md'}"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import clip
+from clip import demo_pace as pace
 from clip.config import CLIPConfig, TextConfig, VisionConfig
 from clip.data.emoji import load_emoji
 from clip.data.emoji_train import EmojiPairs, concept_balanced_order, subset_concepts
@@ -66,15 +67,135 @@ def test_demo_end_to_end_beats_chance_on_held_out_concepts(tmp_path):
         wd=0.1, gray_blur=0.3, shade=0.0, progress=False,
     )  # fmt: skip
     results = run_demo(cfg)
-    for name in ("report.md", "results.json", "curves.png", "examples.png", "checkpoints/latest.pt"):
-        assert (tmp_path / "out" / name).is_file(), name
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    out = tmp_path / "out"
+    for name in (
+        "report.md",
+        "results.json",
+        "curves.png",
+        "examples.png",
+        "retrieval.png",
+        "checkpoints/latest.pt",
+    ):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
     assert saved["cells"] == results["cells"] and saved["steps"] == 200
     concept = results["cells"]["concept"]
     # Held-out concepts, never seen in training: top-1 must be several times chance.
     assert concept["top1"] > 4 * concept["chance_top1"], concept
-    model, _ = clip.load(str(tmp_path / "out" / "checkpoints" / "latest.pt"), device="cpu")
+    # Text -> image over the held-out pool: far above a random ranking too.
+    ret = saved["retrieval"]["metrics"]
+    assert ret["recall@5"] > 1.5 * ret["chance_recall_at_5"], ret
+    assert (
+        ret["queries"] == concept["classes"]
+        and ret["pool_images"] == concept["images"] + saved["cells"]["both"]["images"]
+    )
+    for kind, cats in saved["by_category"].items():
+        assert sum(c["images"] for c in cats.values()) == saved["cells"][kind]["images"]
+        weighted = sum(c["top1"] * c["images"] for c in cats.values()) / saved["cells"][kind]["images"]
+        assert weighted == pytest.approx(saved["cells"][kind]["top1"], abs=2e-3)
+    assert len(saved["retrieval"]["examples"]) == 6
+    assert saved["pace"]["threads_used"] and sum(saved["pace"]["threads_used"].values()) == 200
+    report = (out / "report.md").read_text()
+    for section in (
+        "## The machine",
+        "## By category",
+        "## Text to image",
+        "retrieval.png",
+        "Fixed length: 200",
+    ):
+        assert section in report, section
+    model, _ = clip.load(str(out / "checkpoints" / "latest.pt"), device="cpu")
     assert model.config == small
+
+
+def _tiny_cfg(tmp_path, **kw) -> DemoConfig:
+    small = CLIPConfig(
+        embed_dim=32,
+        vision=VisionConfig("vit", 32, 32, 1, 2, 8),
+        text=TextConfig(context_length=32, width=32, heads=2, layers=1),
+        quick_gelu=False,
+    )
+    args = dict(output_dir=str(tmp_path / "out"), model=small, batch_size=16, max_concepts=60, progress=False,
+                timing_cache=str(tmp_path / "timing.json"))  # fmt: skip
+    return DemoConfig(**{**args, **kw})
+
+
+def _fake_calibration(busy: bool) -> pace.Calibration:
+    """Injected timings (no real timing in tests): idle, or two CPU-bound processes competing."""
+    if busy:
+        timings = (pace.StepTiming(2, 2.0, 0.5), pace.StepTiming(1, 0.2, 0.1))
+        return pace.Calibration(timings, 0.0, 0.0, competing=2.0, cpu_count=2)
+    # One thread is the faster here: a tiny model, and a test must not spin two threads on a shared machine.
+    timings = (pace.StepTiming(2, 0.1, 0.2), pace.StepTiming(1, 0.06, 0.06))
+    return pace.Calibration(timings, 0.0, 0.0, competing=0.0, cpu_count=2)
+
+
+def test_demo_on_a_busy_machine_keeps_its_planned_steps_and_says_so(tmp_path, monkeypatch):
+    import clip.demo as demo
+
+    monkeypatch.setattr(demo, "calibrate", lambda *a: _fake_calibration(busy=True))
+    said = []
+    results = run_demo(_tiny_cfg(tmp_path, minutes=0.06), say=said.append)
+    pace_ = results["pace"]
+    assert results["steps"] == results["planned_steps"] >= 10 and not results["stopped_early"]
+    assert (
+        pace_["busy"]
+        and pace_["plan_source"] == "cpu-time"
+        and "waited for a core" in pace_["calibration_busy"]
+    )
+    assert any("the machine is busy" in line and "will take longer" in line for line in said)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**The machine was busy**" in report and f"kept the {results['steps']:,} planned steps" in report
+    assert not (tmp_path / "timing.json").exists()  # a busy calibration is never remembered as idle
+
+
+def test_demo_remembers_an_idle_machine_and_plans_its_length_when_busy(tmp_path, monkeypatch):
+    import clip.demo as demo
+
+    monkeypatch.setattr(demo, "calibrate", lambda *a: _fake_calibration(busy=False))
+    run_demo(_tiny_cfg(tmp_path, minutes=0.06), say=lambda m: None)
+    cache = json.loads((tmp_path / "timing.json").read_text())
+    (entry,) = cache.values()
+    assert entry["idle_step_s"] == {"2": 0.1, "1": 0.06}
+    ratio = entry.get("loop_ratio", pace.DEFAULT_LOOP_RATIO)  # learnt only if the run stayed idle
+    monkeypatch.setattr(demo, "calibrate", lambda *a: _fake_calibration(busy=True))
+    busy = run_demo(_tiny_cfg(tmp_path, minutes=0.06, output_dir=str(tmp_path / "busy")), say=lambda m: None)
+    assert busy["pace"]["plan_source"] == "remembered" and busy["machine"]["cpu_threads"] == 1
+    assert busy["pace"]["planned_steps_per_s"] == pytest.approx(1 / (0.06 * ratio), rel=1e-3)
+    assert busy["steps"] == busy["planned_steps"] >= 10
+
+
+def test_loop_ratio_is_learnt_only_from_a_run_that_stayed_idle(tmp_path):
+    import clip.demo as demo
+
+    plan = pace.Plan(steps=1000, run_threads=2, plan_threads=2, step_s=0.22, source="measured", busy=None)
+    pacing = demo.Pacing(plan, now_step_s=0.2, loop_ratio=1.1, cache=tmp_path / "t.json", key="k")
+    verdict = {"busy": False, "train_loop_seconds": 240.0, "steps": 1000}
+    demo._learn_loop_ratio(pacing, {**verdict, "busy": True}, stopped_early=False)
+    demo._learn_loop_ratio(pacing, verdict, stopped_early=True)
+    assert not (tmp_path / "t.json").exists()
+    demo._learn_loop_ratio(pacing, verdict, stopped_early=False)
+    # bare step 0.22 / 1.1 = 0.2 s; the loop took 0.24 s a step: ratio 1.2
+    assert pace.read_remembered(tmp_path / "t.json", "k") == (None, pytest.approx(1.2))
+
+
+def test_demo_strict_time_stops_at_the_budget_and_says_the_scores_are_lower(tmp_path, monkeypatch):
+    import clip.demo as demo
+
+    fast = pace.Calibration(
+        (pace.StepTiming(2, 1e-4, 2e-4), pace.StepTiming(1, 1e-4, 1e-4)), 0.0, 0.0, 0.0, 2
+    )
+    monkeypatch.setattr(demo, "calibrate", lambda *a: fast)  # plans thousands of steps for a few seconds
+    results = run_demo(_tiny_cfg(tmp_path, minutes=0.05, strict_time=True), say=lambda m: None)
+    assert results["stopped_early"] and results["steps"] < results["planned_steps"]
+    assert "stopped at the budget" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_demo_cli_refuses_strict_time_with_fixed_steps(capsys):
+    from clip.cli import main
+
+    assert main(["demo", "--strict-time", "--steps", "5"]) == 2
+    assert "--strict-time" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1"])
