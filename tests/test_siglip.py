@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import clip
+import clip.loading
 from clip import siglip
 from clip.config import CLIPConfig, TextConfig, VisionConfig, registry
 from clip.model import CLIP

@@ -224,3 +224,25 @@ def test_fresh_run_over_an_earlier_run_keeps_its_own_checkpoints(tmp_path):
     assert [p.name for p in step_files(tmp_path)] == ["step_000004.pt", "step_000006.pt", "step_000010.pt",
                                                      "step_000020.pt"]  # fmt: skip
     assert torch.load(resolve_resume("latest", tmp_path), weights_only=True)["step"] == 6
+
+
+def test_training_data_goes_through_the_models_own_tokenizer(folder, tmp_path):
+    """A model whose config names an HF tokenizer (SigLIP, CLIPA) trains on that tokenizer's ids.
+
+    Its 400-id vocabulary would be indexed out of range by OpenAI's BPE ids; the validation set too.
+    """
+    from test_hf_tokenizer import bert_folder
+
+    from clip.config import CLIPConfig
+    from clip.model import CLIP
+
+    tok_dir = bert_folder(tmp_path / "tok")
+    cfg = CLIPConfig.from_dict(TINY).replace(
+        text={"vocab_size": 400, "hf_tokenizer_name": "bert-base-uncased", "tokenizer_kwargs": {}}
+    )
+    torch.manual_seed(0)
+    model = CLIP(cfg)
+    model.tokenizer_dir = tok_dir
+    run = _cfg(folder, tmp_path / "run", data={"val_data": str(folder), "val_every": 2, "val_num_samples": 8})
+    result = train(run, model=model)
+    assert result.step == 3 and math.isfinite(result.loss)

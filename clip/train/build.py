@@ -79,19 +79,31 @@ def apply_locks(model: CLIP, lock_image: bool, lock_text: bool) -> None:
             p.requires_grad_(False)
 
 
-def data_kwargs(cfg: TrainConfig, config: CLIPConfig, augment: bool = True) -> dict[str, Any]:
+def data_kwargs(
+    cfg: TrainConfig, config: CLIPConfig, augment: bool = True, tokenizer: Any = None
+) -> dict[str, Any]:
     d = cfg.data
     return dict(resolution=config.vision.image_size, context_length=config.text.context_length,
                 seed=cfg.run.seed, crop_scale=d.crop_scale, mean=config.mean, std=config.std,
                 img_key=d.csv_img_key, caption_key=d.csv_caption_key, separator=d.csv_separator,
-                augment=augment)  # fmt: skip
+                augment=augment, tokenizer=tokenizer)  # fmt: skip
 
 
-def build_map_dataset(cfg: TrainConfig, config: CLIPConfig) -> tuple[Any, Order]:
+def model_tokenizer(model: CLIP) -> Any:
+    """The tokenizer training data goes through: None for OpenAI's BPE (the data sets' own fast path),
+    else the model's own (`clip.get_tokenizer`: SigLIP, CLIPA, -worldwide), built once and pickled to workers."""
+    if not model.config.text.hf_tokenizer_name:
+        return None
+    from clip.loading import get_tokenizer
+
+    return get_tokenizer(model)
+
+
+def build_map_dataset(cfg: TrainConfig, config: CLIPConfig, tokenizer: Any = None) -> tuple[Any, Order]:
     """The CSV / folder source(s) of `train_data`, mixed by weight when there are several."""
     d = cfg.data
     parts = d.train_data.split("::")
-    datasets = [open_map_source(p, **data_kwargs(cfg, config)) for p in parts]
+    datasets = [open_map_source(p, **data_kwargs(cfg, config, tokenizer=tokenizer)) for p in parts]
     if len(datasets) == 1:
         return datasets[0], default_order(len(datasets[0]), cfg.run.seed, d.train_num_samples)
     mixed = MixedDataset(
@@ -116,18 +128,18 @@ def check_sources(cfg: TrainConfig) -> None:
 
 def build_stream(
     cfg: TrainConfig, config: CLIPConfig, info: DistInfo, *, dataset: Any = None, order: Order | None = None,
-    position: dict | None = None,
+    position: dict | None = None, tokenizer: Any = None,
 ) -> MapStream | WdsStream:  # fmt: skip
     """The data stream of this rank, starting at `position` (from a checkpoint) or at the beginning."""
     d = cfg.data
     plan = BatchPlan(d.batch_size, cfg.optim.accum_freq, info.rank, info.world_size)
     pin = info.device.type == "cuda"
     if dataset is None and d.train_data and is_webdataset(d.train_data):
-        return _wds_stream(cfg, config, info, plan, pin, position)
+        return _wds_stream(cfg, config, info, plan, pin, position, tokenizer)
     if dataset is None:
         if not d.train_data:
             raise ValueError("no training data: give --train-data (or pass a dataset to train())")
-        dataset, default = build_map_dataset(cfg, config)
+        dataset, default = build_map_dataset(cfg, config, tokenizer)
         order = order or default
     else:
         order = order or default_order(len(dataset), cfg.run.seed, d.train_num_samples)
@@ -136,7 +148,7 @@ def build_stream(
 
 
 def _wds_stream(cfg: TrainConfig, config: CLIPConfig, info: DistInfo, plan: BatchPlan, pin: bool,
-                position: dict | None) -> WdsStream:  # fmt: skip
+                position: dict | None, tokenizer: Any = None) -> WdsStream:  # fmt: skip
     d = cfg.data
     sources = expand_sources(d.train_data)
     weights = d.train_data_weights or (1.0,) * len(sources)
@@ -157,15 +169,15 @@ def _wds_stream(cfg: TrainConfig, config: CLIPConfig, info: DistInfo, plan: Batc
             sources, weights, epoch=epoch, seed=cfg.run.seed, rank=info.rank, world=info.world_size,
             batch_size=d.batch_size, shuffle_buffer=d.shuffle_buffer, resampled=d.dataset_resampled,
             resolution=config.vision.image_size, context_length=config.text.context_length,
-            crop_scale=d.crop_scale, mean=config.mean, std=config.std, skip=skip, shift=shift,
+            crop_scale=d.crop_scale, mean=config.mean, std=config.std, skip=skip, shift=shift, tokenizer=tokenizer,
         )  # fmt: skip
 
     return WdsStream(make_epoch, accum=plan.accum, workers=d.workers, world=info.world_size, pin_memory=pin,
                      steps_per_epoch=steps, position=position)  # fmt: skip
 
 
-def build_val_dataset(cfg: TrainConfig, config: CLIPConfig) -> Any:
+def build_val_dataset(cfg: TrainConfig, config: CLIPConfig, tokenizer: Any = None) -> Any:
     """Held-out pairs (CSV or folder) with the evaluation transform, or None."""
     if not cfg.data.val_data:
         return None
-    return open_map_source(cfg.data.val_data, **data_kwargs(cfg, config, augment=False))
+    return open_map_source(cfg.data.val_data, **data_kwargs(cfg, config, augment=False, tokenizer=tokenizer))

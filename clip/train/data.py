@@ -104,6 +104,7 @@ class PairDataset:
     read_captions: bool = False  # captions[i] is a .txt path to read at load time
     augment: bool = True  # False: the evaluation transform (resize, center crop) instead of the random crop
     name: str = "data"
+    tokenizer: Any = None  # the model's own (`clip.get_tokenizer`) when it is not OpenAI's BPE; picklable
     _crop: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -137,6 +138,8 @@ class PairDataset:
             image = self.crop()(img, np.random.default_rng([self.seed, epoch, index]))
         else:
             image = self.crop()(img)
+        if self.tokenizer is not None:
+            return image, self.tokenizer([text], context_length=self.context_length)[0]
         tokens = tokenize([text], context_length=self.context_length, truncate=True)[0]
         return image, tokens
 
@@ -178,10 +181,11 @@ def open_map_source(
     source: str, *, resolution: int, context_length: int, seed: int, crop_scale: tuple[float, float],
     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
     img_key: str = "filepath", caption_key: str = "caption", separator: str | None = None, augment: bool = True,
+    tokenizer: Any = None,
 ) -> PairDataset:  # fmt: skip
     """A CSV/TSV file or an image folder as a `PairDataset`."""
     common = dict(resolution=resolution, context_length=context_length, seed=seed, crop_scale=crop_scale,
-                  mean=mean, std=std, name=source, augment=augment)  # fmt: skip
+                  mean=mean, std=std, name=source, augment=augment, tokenizer=tokenizer)  # fmt: skip
     if os.path.isdir(source):
         images, captions = scan_folder(source)
         if not images:

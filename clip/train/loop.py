@@ -33,6 +33,7 @@ from clip.train.build import (
     build_val_dataset,
     check_sources,
     load_model_config,
+    model_tokenizer,
 )
 from clip.train.config import TrainConfig, default_loss
 from clip.train.distributed import (
@@ -234,7 +235,10 @@ def _setup(
         fused=info.device.type == "cuda",
     )  # fmt: skip
     position = _resume_position(cfg, info, saved) if saved else None
-    stream = build_stream(cfg, model.config, info, dataset=dataset, order=order, position=position)
+    tokenizer = model_tokenizer(model)  # None for OpenAI's BPE
+    stream = build_stream(
+        cfg, model.config, info, dataset=dataset, order=order, position=position, tokenizer=tokenizer
+    )
     total = cfg.run.steps if cfg.run.steps is not None else cfg.run.epochs * stream.steps_per_epoch
     if o.warmup >= total:
         warnings.warn(f"warmup ({o.warmup} steps) >= run length ({total} steps): the peak lr is never reached",
@@ -250,7 +254,7 @@ def _setup(
     log = RunLog(cfg.run.output_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard,
                  progress=cfg.run.progress, total_steps=total, start_step=start)  # fmt: skip
     run = Run(cfg, info, inner, wrapped, optimizer, CosineSchedule(o.lr, o.warmup, total, o.min_lr), stream,
-              ctx, log, total, val_dataset=build_val_dataset(cfg, model.config))  # fmt: skip
+              ctx, log, total, val_dataset=build_val_dataset(cfg, model.config, tokenizer))  # fmt: skip
     if saved:
         _restore(run, saved)
     log.write_config(_resolved(run, precision))

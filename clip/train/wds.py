@@ -85,7 +85,9 @@ def decode_caption(raw: dict) -> str:
     return caption
 
 
-def decode_sample(raw: dict, crop: RandomResizedCrop, rng: np.random.Generator, context_length: int) -> tuple:
+def decode_sample(
+    raw: dict, crop: RandomResizedCrop, rng: np.random.Generator, context_length: int, tokenizer: Any = None
+) -> tuple:
     """Raw tar sample -> (key, image [3, n, n], tokens [L]) or (key, skip reason).
 
     The image gets its EXIF orientation applied, as `load_image(path, exif=True)` does for `clip index`,
@@ -113,6 +115,8 @@ def decode_sample(raw: dict, crop: RandomResizedCrop, rng: np.random.Generator, 
             image = crop(ImageOps.exif_transpose(img), rng)
     except Exception:  # Pillow raises many types for corrupt data; the sample is skipped and counted
         return key, "unreadable_image"
+    if tokenizer is not None:  # the model's own tokenizer (SigLIP, CLIPA, ...)
+        return key, image, tokenizer([caption], context_length=context_length)[0]
     return key, image, tokenize([caption], context_length=context_length, truncate=True)[0]
 
 
@@ -227,6 +231,7 @@ class WebDatasetEpoch(torch.utils.data.IterableDataset):
     std: tuple[float, ...] | None = None
     skip: Sequence[int] = ()
     shift: int = 0
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -266,7 +271,7 @@ class WebDatasetEpoch(torch.utils.data.IterableDataset):
                 continue
             items = [
                 decode_sample(s, crop, np.random.default_rng([self.seed, self.epoch, self.rank, worker, batch_no, i]),
-                              self.context_length)
+                              self.context_length, self.tokenizer)
                 for i, s in enumerate(chunk)
             ]  # fmt: skip
             pending = collate(items, epoch=self.epoch, batch_no=batch_no, worker=worker)
