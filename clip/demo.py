@@ -138,6 +138,18 @@ def _learn_loop_ratio(pacing: Pacing | None, verdict: dict[str, Any], stopped_ea
     pace.remember(pacing.cache, pacing.key, loop_ratio=min(1.6, max(1.0, loop_step / bare)))
 
 
+def _busy_message(cfg: DemoConfig, pacing: Pacing) -> str:
+    plan = pacing.plan
+    if cfg.strict_time:
+        then = "stops at the budget (--strict-time), so expect lower scores"
+    else:
+        minutes = plan.steps * pacing.now_step_s * pacing.loop_ratio / 60
+        then = (f"keeps them and will take longer than the budget (training alone: about {minutes:.0f} min at "
+                "today's speed; --strict-time stops at the budget instead, with lower scores)")  # fmt: skip
+    return (f"clip demo: the machine is busy ({plan.busy}). Planned {plan.steps:,} steps for what it does idle; "
+            f"this run {then}. report.md will say what happened.")  # fmt: skip
+
+
 def _train_data(cfg: DemoConfig) -> tuple[EmojiData, EmojiPairs]:
     data = load_emoji(openmoji=cfg.openmoji)
     if cfg.max_concepts is not None:
@@ -196,13 +208,7 @@ def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
         steps, threads = pacing.plan.steps, pacing.plan.run_threads
         model = CLIP(cfg.model)  # a fresh start: calibration must not leak into the run
         if pacing.plan.busy:
-            then = (
-                "stops at the budget, with lower scores"
-                if cfg.strict_time
-                else "will take longer than the budget"
-            )
-            say(f"clip demo: the machine is busy ({pacing.plan.busy}); planned {steps:,} steps for what it does "
-                f"idle and keeps them, so this run {then} (see report.md)")  # fmt: skip
+            say(_busy_message(cfg, pacing))
     torch.set_num_threads(threads)
     governor = pace.ThreadGovernor(
         pace.thread_choices(os.cpu_count()), threads, pacing.plan.plan_threads if pacing else None,

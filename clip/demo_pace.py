@@ -321,7 +321,7 @@ class ThreadGovernor:
             return
         if not self._checked_start:  # no calibration: compare the other count(s) once, after the first window
             self._checked_start = True
-            self._start_trial(median, "start", "first check of the thread count (no calibration)")
+            self._start_trial(median, "start", "first check of the thread count, as no calibration ran")
         elif self._best is not None and median < self.drop * self._best:
             self._start_trial(
                 median, "drop", f"throughput fell to {median:.0f} samples/s from {self._best:.0f}"
@@ -446,7 +446,7 @@ def pace_verdict(
     others = during["mean"] - own if during else None
     evidence = [
         f"Before training, {plan.busy}." if plan is not None and plan.busy else "",
-        f"During training, other processes kept about {others:.1f} of the {cpu_count} cores busy."
+        f"During training, other processes added about {others:.1f} to the load average ({cpu_count} cores)."
         if others is not None and others >= 0.75
         else "",
         "Throughput fell during training (see the thread trials below)."

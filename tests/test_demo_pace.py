@@ -248,7 +248,7 @@ def test_verdict_on_a_busy_run_says_what_it_did_and_why():
                  thread_steps={1: plan.steps})  # fmt: skip
     text = " ".join(v["lines"])
     assert v["busy"] and v["lines"][0].startswith("**The machine was busy**")
-    assert "waited for a core" in text and "other processes kept about 2.1" in text
+    assert "waited for a core" in text and "other processes added about 2.1 to the load" in text
     assert f"kept the {plan.steps:,} planned steps" in text and "--strict-time" in text
     assert f"took {plan.steps * 0.45:.0f} s to train" in text and "remembered" in text
     assert v["achieved_steps_per_s"] < 0.8 * v["planned_steps_per_s"]
