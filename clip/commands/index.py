@@ -1,4 +1,5 @@
-"""`clip index PHOTOS_DIR --index IDX --model M`: embed a folder of images into a searchable index."""
+"""`clip index PHOTOS_DIR --index IDX --model M`: embed a folder of images into a searchable index;
+`clip index --from-embeddings DIR --index IDX`: index the shards of a `clip embed` job without embedding again."""
 
 from __future__ import annotations
 
@@ -23,7 +24,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "their images embedded again. Unreadable files and folders are listed in IDX/report.json."
         ),
     )
-    parser.add_argument("photos", metavar="PHOTOS_DIR", help="folder of images to index (recursively)")
+    parser.add_argument(
+        "photos", nargs="?", metavar="PHOTOS_DIR", help="folder of images to index (recursively)"
+    )
+    parser.add_argument(
+        "--from-embeddings",
+        metavar="DIR",
+        help="instead of PHOTOS_DIR: index the shards of a `clip embed` job in DIR without embedding again "
+        "(vectors stay in DIR, memory-mapped; captions searchable when the job ran with --text)",
+    )
+    parser.add_argument(
+        "--max-index-memory",
+        default="16G",
+        metavar="SIZE",
+        help="with --from-embeddings: memory the IVF indexes may take (e.g. 16G, 512M); the most precise "
+        "codes that fit are used (SQ8, SQ4, then PQ)",
+    )
+    parser.add_argument(
+        "--no-captions", action="store_true", help="with --from-embeddings: leave the captions out"
+    )
     parser.add_argument("--index", required=True, metavar="IDX", help="index folder (created if missing)")
     parser.add_argument(
         "--model",
@@ -41,7 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--ann",
         choices=("auto", "always", "never"),
         default="auto",
-        help="build an approximate (FAISS) index: auto = from 100,000 images when faiss is installed",
+        help="build an approximate (FAISS) index: auto = from 100,000 images when faiss is installed "
+        "(with --from-embeddings: always = even below that)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)
@@ -52,6 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from clip.search.index import Index
     from clip.search.store import DB_NAME
 
+    if args.from_embeddings is not None:
+        return _from_embeddings(args)
+    if args.photos is None:
+        raise CLIError("give a folder of images (clip index PHOTOS_DIR --index IDX) or --from-embeddings DIR")
+    if _is_embeddings_index(args.index):
+        raise CLIError(
+            f"{args.index!r} was built from embeddings; rebuild it with --from-embeddings, or choose a new --index"
+        )
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
@@ -92,6 +120,41 @@ def run(args: argparse.Namespace) -> int:
             report.to_dict()["unreadable_folders"],
             report_file,
         )
+    return 0
+
+
+def _is_embeddings_index(path: str) -> bool:
+    from clip.search.embindex import is_embeddings_index
+
+    return is_embeddings_index(path)
+
+
+def _from_embeddings(args: argparse.Namespace) -> int:
+    from clip.search.embbuild import build_from_embeddings
+    from clip.search.ivf import format_bytes, parse_size
+
+    if args.photos is not None:
+        raise CLIError("give either PHOTOS_DIR or --from-embeddings DIR, not both")
+    try:
+        budget = parse_size(args.max_index_memory)
+    except ValueError as err:
+        raise CLIError(f"--max-index-memory: {err}") from None
+    if not os.path.isdir(args.from_embeddings):
+        raise FileNotFoundError(f"--from-embeddings {args.from_embeddings!r} is not a folder")
+    manifest = build_from_embeddings(
+        args.from_embeddings, args.index, model=args.model, device=args.device, ann=args.ann,
+        max_index_memory=budget, captions=not args.no_captions,
+    )  # fmt: skip
+    for target, info in (manifest.get("ann") or {}).items():
+        print(
+            f"{target}: {info['codes']} IVF, nlist {info['nlist']}, nprobe {info['nprobe']}, recall@10 vs exact "
+            f"search {info['recall']:.3f}, {format_bytes(info['bytes'])} in memory (built in "
+            f"{info['build_seconds']:.1f} s)"
+        )
+    captions = " with their captions" if manifest["files"].get("captions") else ""
+    print_line(f"index {args.index} holds {manifest['count']} embeddings{captions} from {manifest['source']}")
+    if manifest["skipped_count"]:
+        print_line(f"({manifest['skipped_count']} inputs were skipped by the embed job; see its report.json)")
     return 0
 
 

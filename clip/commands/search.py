@@ -26,6 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per query")
+    parser.add_argument(
+        "--captions",
+        action="store_true",
+        help="search the captions instead of the images (text-to-text, image-to-caption); for an index "
+        "built with --from-embeddings from a `clip embed --text` job. Lines then end with the caption",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--ann", action="store_true", help="use the approximate FAISS index (built if missing)")
     mode.add_argument(
@@ -44,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError('give a text query (clip search IDX "a dog") or --image FILE')
     ann = True if args.ann else False if args.exact else None
     with Index.open(args.index, model=args.model, device=args.device, create=False) as idx:
+        if args.captions and not idx.has_captions:
+            raise CLIError(
+                f"index {args.index!r} holds no captions: build it with `clip index --from-embeddings DIR` "
+                "from a `clip embed --text` job"
+            )
+        target = {"target": "captions"} if args.captions else {}
         if ann and not idx.ann_status()["built"]:
             info = idx.build_ann()
             print(
@@ -52,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
             )
         results = []
         if args.text:
-            results += zip(args.text, idx.search_text(args.text, args.k, ann=ann), strict=True)
+            results += zip(args.text, idx.search_text(args.text, args.k, ann=ann, **target), strict=True)
         if args.image:
-            results += zip(args.image, idx.search_image(args.image, args.k, ann=ann), strict=True)
+            results += zip(args.image, idx.search_image(args.image, args.k, ann=ann, **target), strict=True)
     for query, hits in results:
         if args.json:
             print_line(json_line({"query": query, "results": [h.to_dict() for h in hits]}))
@@ -62,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
         if len(results) > 1:
             print_line(f"# {query}")
         for h in hits:
-            print_line(f"{h.path}\t{h.score:.4f}")
+            print_line(f"{h.path}\t{h.score:.4f}" + (f"\t{h.caption}" if args.captions else ""))
     return 0

@@ -3,7 +3,9 @@
 - A file is sent only if it is still the file that was indexed: its path, with links resolved *now*, lies
   inside a folder the index was filled from; it is a regular file of the indexed size and mtime; and, for the
   original, its bytes hash to the indexed SHA-256 and are an image of a known type (the Content-Type comes
-  from those bytes, not from the name).  A link re-pointed at `/etc/shadow`, or an image overwritten by
+  from those bytes, not from the name).  An index built from `clip embed` shards never read the bytes: its
+  records carry the size and mtime seen when it was built (`FileRecord.content_hashed` False), and those, the
+  folders and the image check are what is verified.  A link re-pointed at `/etc/shadow`, or an image overwritten by
   something else, gets a 404 until `clip index` has seen the change.
 - Host allow-list against DNS rebinding: a page on an attacker's domain that resolves to 127.0.0.1 sends its
   own name in `Host:`, so requests are answered only for IP literals, `localhost`, the bound name and names
@@ -91,7 +93,7 @@ def read_verified(info: FileRecord, roots: list[str]) -> tuple[bytes, str]:
         if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (info.size, info.mtime_ns):
             raise FileChangedError("indexed file changed since it was indexed; run `clip index` again")
         data = f.read(info.size + 1)
-    if len(data) != info.size or hashlib.sha256(data).hexdigest() != info.sha256:
+    if len(data) != info.size or (info.content_hashed and hashlib.sha256(data).hexdigest() != info.sha256):
         raise FileChangedError("indexed file's content changed since it was indexed; run `clip index` again")
     try:
         with Image.open(io.BytesIO(data)) as img:

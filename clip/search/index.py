@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip.search import ann as ann_mod
+from clip.search.embindex import is_embeddings_index
 from clip.search.encoder import Encoder, as_encoder
 from clip.search.report import IndexReport
 from clip.search.scan import Job, default_workers, make_loader, relative_to, resolve_paths, scan_images
@@ -60,11 +61,20 @@ class ModelMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class Hit:
+    """One result: the file's path (or `TAR#KEY` for a WebDataset sample), its cosine similarity, and the
+    index's id of the vector (`vec_id` for a folder index, the row for one built from embeddings: the `id`
+    of clip-retrieval's API); `caption` where the index holds captions."""
+
     path: str
     score: float
+    id: int | None = field(default=None, compare=False)
+    caption: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "score": round(self.score, 6)}
+        d = {"path": self.path, "score": round(self.score, 6)}
+        if self.caption is not None:
+            d["caption"] = self.caption
+        return d
 
 
 @dataclass
@@ -79,7 +89,14 @@ class _Loaded:
 
 
 class Index:
-    """An image index on disk.  Use `Index.open`; safe to share between threads (searches are serialised)."""
+    """An image index on disk.  Use `Index.open`; safe to share between threads (searches are serialised).
+
+    `Index.open` on a folder made by `clip index --from-embeddings` returns an `EmbeddingsIndex`
+    (`clip.search.embindex`), which has the same reading API.
+    """
+
+    kind = "folder"
+    has_captions = False
 
     def __init__(self, store: Store, encoder: Encoder | None, device: str | torch.device) -> None:
         self._store = store
@@ -106,6 +123,10 @@ class Index:
         Raises ModelMismatchError if `model` differs from the index's model (weights, config, preprocessing).
         """
         root = Path(path)
+        if is_embeddings_index(root):  # built by `clip index --from-embeddings`: the same reading API
+            from clip.search.embindex import EmbeddingsIndex
+
+            return EmbeddingsIndex.open(root, model, device=device)  # type: ignore[return-value]
         if not (root / DB_NAME).exists() and (model is None or not create):
             raise FileNotFoundError(
                 f"no index at {str(root)!r}; create one with `clip index PHOTOS --index {root} --model M` "
@@ -183,6 +204,27 @@ class Index:
     def errors(self) -> list[tuple[str, str]]:
         """(path, message) of every file that could not be read, sorted by path."""
         return self._store.errors()
+
+    def vectors_of(self, ids: Sequence[int], target: str = "images") -> np.ndarray:
+        """float32 [len(ids), D] stored vectors of `ids` (`Hit.id`); zeros for ids no longer indexed."""
+        if target != "images":
+            raise ValueError(f"index {str(self.root)!r} holds images only, not {target!r}")
+        with self._lock:
+            loaded = self._load()
+            if loaded.row_of is None:
+                loaded.row_of = ann_mod.row_lookup(loaded.snap.vec_ids)
+            rows = loaded.row_of(np.asarray(ids, dtype=np.int64))
+            out = np.zeros((len(rows), self.embed_dim), dtype=np.float32)
+            out[rows >= 0] = loaded.snap.vectors[rows[rows >= 0]]
+        return out
+
+    def metadata(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        """{"path", "width", "height"} of the files holding the vectors `ids` (`Hit.id`), None where gone."""
+        found = self._store.records_by_vec_id([int(i) for i in ids])
+        return [
+            {"path": r.path, "width": r.width, "height": r.height} if (r := found.get(int(i))) else None
+            for i in ids
+        ]
 
     @property
     def roots(self) -> list[str]:
@@ -493,9 +535,10 @@ class Index:
             if ann is None and len(loaded.snap.paths) < ANN_THRESHOLD:
                 use_ann = False
             results = self._search_ann(loaded, q, k) if use_ann else search_exact(loaded.vectors, q, k)
-            paths = loaded.snap.paths
+            paths, ids = loaded.snap.paths, loaded.snap.vec_ids
         return [
-            [Hit(paths[r], float(s)) for r, s in zip(rows, scores, strict=True)] for rows, scores in results
+            [Hit(paths[r], float(s), int(ids[r])) for r, s in zip(rows, scores, strict=True)]
+            for rows, scores in results
         ]
 
     def _search_ann(self, loaded: _Loaded, q: torch.Tensor, k: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -65,7 +65,12 @@ CREATE TABLE IF NOT EXISTS errors (
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One embedded image: where it is, what it was when read, and its pixel size after EXIF rotation."""
+    """One embedded image: where it is, what it was when read, and its pixel size after EXIF rotation.
+
+    content_hashed False (an index built from `clip embed` shards, whose bytes it never read): `sha256` is not
+    the content's hash but a digest of (path, size, mtime_ns) taken when the index was built, naming that state
+    of the file for thumbnail caching, and serving checks the size and mtime only.
+    """
 
     path: str
     size: int
@@ -73,6 +78,7 @@ class FileRecord:
     sha256: str
     width: int
     height: int
+    content_hashed: bool = True
 
 
 @dataclass(frozen=True)
@@ -364,6 +370,19 @@ class Store:
             "SELECT path, size, mtime_ns, sha256, width, height FROM files WHERE path = ?", (db_path(path),)
         )
         return FileRecord(py_path(rows[0][0]), *rows[0][1:]) if rows else None
+
+    def records_by_vec_id(self, vec_ids: list[int]) -> dict[int, FileRecord]:
+        """vec_id -> record of the live embeddings among `vec_ids`."""
+        out: dict[int, FileRecord] = {}
+        for start in range(0, len(vec_ids), 500):  # SQLite's limit on bound parameters
+            part = vec_ids[start : start + 500]
+            rows = self._rows(
+                "SELECT vec_id, path, size, mtime_ns, sha256, width, height FROM files "
+                f"WHERE vec_id IN ({','.join('?' * len(part))})",
+                part,
+            )
+            out.update({r[0]: FileRecord(py_path(r[1]), *r[2:]) for r in rows})
+        return out
 
     def live_hashes(self) -> set[str]:
         """SHA-256 of every embedded file's content."""
