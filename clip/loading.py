@@ -176,8 +176,10 @@ def get_tokenizer(model: CLIP, download_root: str | None = None) -> Any:
     Hugging Face tokenizer (CLIPA, `-worldwide`, SigLIP), which is read from the `tokenizer.json` that
     came with the weights, or fetched from the Hub into the cache when the weights came without it.
     """
-    from clip.hf_tokenizer import TokenizerSpec
+    from clip.hf_tokenizer import OpenAITokenizer, TokenizerSpec
 
+    if not isinstance(getattr(model, "config", None), CLIPConfig):  # another library's model: OpenAI's BPE
+        return OpenAITokenizer(int(getattr(model, "context_length", 77)))
     t = model.config.text
     spec = TokenizerSpec.from_open_clip_text_cfg(
         {"context_length": t.context_length, "hf_tokenizer_name": t.hf_tokenizer_name,
@@ -245,7 +247,7 @@ def load(
     openai/CLIP does (LayerNorm still computes in fp32); on CPU they stay fp32.  `jit=True` is
     accepted for compatibility and returns the eager model.
     """
-    from clip.preprocess import image_transform
+    from clip.preprocess import preprocess_for
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,8 +266,7 @@ def load(
     model.tokenizer_dir = r.tokenizer_dir
     if torch.device(device).type == "cuda":
         convert_weights(model, torch.float16)
-    return model, image_transform(cfg.vision.image_size, mean=cfg.mean, std=cfg.std,
-                                  resize_mode=cfg.resize_mode, interpolation=cfg.interpolation)  # fmt: skip
+    return model, preprocess_for(cfg)
 
 
 def save_checkpoint(model: CLIP, path: str | os.PathLike) -> None:

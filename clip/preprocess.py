@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from clip.config import CLIP_MEAN, CLIP_STD  # the one definition; re-exported here for callers
+from clip.config import CLIP_MEAN, CLIP_STD, CLIPConfig  # CLIP_MEAN/STD: the one definition, re-exported
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -260,6 +260,12 @@ def image_transform(
     """The transform `clip.load` returns for a model with input size `resolution` (e.g. 224 or 336);
     `resize_mode` / `interpolation` as the model's config says (SigLIP: "squash", "bicubic")."""
     return Preprocess(resolution, tuple(mean), tuple(std), resize_mode, interpolation)
+
+
+def preprocess_for(config: CLIPConfig) -> Preprocess:
+    """The evaluation transform a model config asks for: size, mean/std, resize mode and interpolation."""
+    return image_transform(config.vision.image_size, config.mean, config.std, resize_mode=config.resize_mode,
+                           interpolation=config.interpolation)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -107,21 +107,20 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _default_preprocess(model: Any) -> Any:
-    from clip.preprocess import image_transform
+    from clip.preprocess import preprocess_for
 
-    cfg = model.config
-    return image_transform(cfg.vision.image_size, mean=cfg.mean, std=cfg.std)
+    return preprocess_for(model.config)
 
 
 def encode_captions(
     model: Any, captions: Sequence[str], prefix: str | None = None, *, batch_size: int = 256,
     precision: str = "fp32", progress: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """Unit-norm text features [N, D] of `captions` (prefixed, tokenized as OpenAI does, truncated)."""
+    """Unit-norm text features [N, D] of `captions` (prefixed, with the model's tokenizer, truncated)."""
     from clip.evaluation.features import encode_texts
-    from clip.tokenizer import tokenize
+    from clip.loading import get_tokenizer
 
-    tokens = tokenize(with_prefix(captions, prefix), context_length=model.context_length, truncate=True)
+    tokens = get_tokenizer(model)(with_prefix(captions, prefix))
     return encode_texts(model.encode_text, tokens, batch_size, _device_of(model), precision, progress)
 
 

@@ -39,15 +39,9 @@ def _trim(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
-    from clip.model import CLIP
-    from clip.tokenizer import tokenize
+    from clip.loading import get_tokenizer
 
-    if isinstance(model, CLIP) and model.config.text.hf_tokenizer_name:  # SigLIP, CLIPA, -worldwide
-        from clip.loading import get_tokenizer
-
-        return get_tokenizer(model)
-    context_length = int(getattr(model, "context_length", 77))
-    return lambda texts: tokenize(texts, context_length=context_length, truncate=True)
+    return get_tokenizer(model)  # OpenAI's BPE, or the HF tokenizer its config names (SigLIP, CLIPA, ...)
 
 
 def _model_device(model: nn.Module) -> torch.device:

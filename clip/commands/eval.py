@@ -206,7 +206,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 def run_retrieval(args: argparse.Namespace) -> int:
     from clip.evaluation.datasets import load_caption_csv
     from clip.evaluation.retrieval_eval import retrieval_evaluate
-    from clip.tokenizer import tokenize
+    from clip.loading import get_tokenizer
 
     start = time.perf_counter()
     _check_output(args)
@@ -214,11 +214,10 @@ def run_retrieval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such caption CSV: {args.data}")
     pairs = load_caption_csv(args.data)
     model, preprocess, device = load_model(args)
-    ctx = int(getattr(model, "context_length", 77))
     metrics = retrieval_evaluate(
         model.encode_image,
         model.encode_text,
-        lambda texts: tokenize(texts, context_length=ctx, truncate=True),
+        get_tokenizer(model),
         pairs,
         preprocess,
         args.batch_size,
