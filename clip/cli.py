@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from clip.commands.common import CLIError  # user-input errors; re-exported here, their old home
+
 COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.models",
     "clip.commands.download",
@@ -29,10 +31,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clip.commands.embed",
     "clip.commands.filter",
 )
-
-
-class CLIError(Exception):
-    """An error caused by user input: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -248,9 +248,9 @@ def load(
     accepted for compatibility and returns the eager model.
     """
     from clip.preprocess import preprocess_for
+    from clip.runtime import resolve_device
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)  # None / "auto": CUDA when available, as openai/CLIP
     if jit:
         warnings.warn("jit=True is not supported; returning the eager model (same outputs)", stacklevel=2)
     path, tag_arch, tag = _resolve_name(name, pretrained, download_root)

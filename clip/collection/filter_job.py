@@ -72,13 +72,13 @@ def embedding_folder(job: FilterJob) -> str | None:
 def query_embeddings(model_name: str, queries: tuple[str, ...], device: str) -> np.ndarray:
     """Unit-norm text embeddings [Q, D] of the concept queries, by the model that made the image embeddings."""
     import clip
+    from clip.runtime import resolve_device
     from clip.score import encode_captions
-    from clip.train.distributed import resolve_device
 
     if not model_name:
         raise ValueError("concept queries need the embeddings' model: pass --model")
     model, _ = clip.load(model_name, device="cpu")
-    model = model.to(resolve_device(device, 0))
+    model = model.to(resolve_device(device))
     return encode_captions(model, list(queries)).numpy()
 
 

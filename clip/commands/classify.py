@@ -13,8 +13,7 @@ import json
 import time
 from typing import Any
 
-from clip.cli import CLIError
-from clip.commands.eval import add_model_args, load_model
+from clip.commands.common import CLIError, add_model_args, load_model
 from clip.commands.output import print_line
 
 

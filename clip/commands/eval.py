@@ -18,33 +18,8 @@ from typing import Any
 
 import torch
 
-from clip.cli import CLIError
+from clip.commands.common import CLIError, add_model_args, load_model
 from clip.io import atomic_write_json, check_output_file
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --device, --precision, --batch-size, --workers: shared by `clip eval` and `clip classify`."""
-    parser.add_argument("--model", required=True, help="model name (see `clip models`) or checkpoint path")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="images (and texts) per batch (default 64)"
-    )
-    parser.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
-
-
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
-    """Load `args.model` in eval mode on `args.device` -> (model, preprocess, device)."""
-    from clip.loading import load
-
-    if args.batch_size < 1 or args.workers < 0:
-        raise CLIError("--batch-size must be >= 1 and --workers >= 0")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess = load(args.model, device=device)
-    return model.eval(), preprocess, device
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

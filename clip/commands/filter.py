@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clip.commands.common import add_device_argument, add_precision_argument
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -46,10 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (raw inputs)")
     parser.add_argument("--workers", type=int, default=4, help="decoding processes (raw inputs)")
-    parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype"
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="model device")
+    add_precision_argument(parser)
+    add_device_argument(parser)
     parser.add_argument("--csv-img-key", default="filepath", help="image-path column (default filepath)")
     parser.add_argument("--csv-caption-key", default="caption", help="caption column (default caption)")
     parser.add_argument("--csv-separator", help="column separator (default: tab for .tsv, else comma)")

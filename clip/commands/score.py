@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from clip.cli import CLIError
+from clip.commands.common import CLIError, add_device_argument, add_precision_argument
+from clip.runtime import resolve_device
 
 MAX_LISTED_ERRORS = 20
 
@@ -51,10 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--csv-separator", help="column separator (default: tab for .tsv, else comma)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in process)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype"
-    )
+    add_device_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)
 
@@ -71,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--workers must be 0 or more, got {args.workers}")
     collection = open_collection([args.input], args.csv_img_key, args.csv_caption_key, args.csv_separator)
     references = read_references(args.references) if args.references else None
-    model, preprocess = clip.load(args.model, device="cpu")
-    model = model.to(args.device)
+    model, preprocess = clip.load(args.model, device=resolve_device(args.device))
     report = score_collection(
         model, preprocess, collection, references, w=args.w, prefix=args.prefix, batch_size=args.batch_size,
         workers=args.workers, precision=args.precision, progress=not args.no_progress,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clip.cli import CLIError
+from clip.commands.common import CLIError
 from clip.commands.output import json_line, print_line
 from clip.commands.search_args import add_index_model_args
 

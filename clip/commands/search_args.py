@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from clip.commands.common import add_device_argument
+
 
 def add_index_model_args(parser: argparse.ArgumentParser) -> None:
     """--device and --model: where to run the index's recorded model, and where it lives if it moved."""
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    add_device_argument(parser)
     parser.add_argument(
         "--model",
         default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clip.cli import CLIError
+from clip.commands.common import CLIError
 from clip.commands.search_args import add_index_model_args
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}

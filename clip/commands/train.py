@@ -138,7 +138,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from clip.cli import CLIError
+    from clip.commands.common import CLIError
     from clip.train.loop import train
 
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,19 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from clip.evaluation.datasets import ImageDataset, ImageSource, collate_skipping
+from clip.runtime import PRECISIONS, autocast  # noqa: F401  (re-exported: the evaluators' names)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_LISTED_FAILURES = 20  # unreadable images named in results; all of them are counted
-
-
-def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for inference: 'fp32' (off), 'bf16' or 'fp16' autocast on `device`'s type."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @dataclass

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
+from clip.runtime import TRAIN_PRECISIONS as PRECISIONS  # one vocabulary: clip.runtime
+
 LOSSES = ("clip", "siglip")
 
 

@@ -36,14 +36,10 @@ class DistInfo:
 
 
 def resolve_device(device: str, local_rank: int) -> torch.device:
-    """ "auto" -> this process's GPU when CUDA is available, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' asked for but CUDA is not available; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """ "auto" -> this process's GPU when CUDA is available, else the CPU (`clip.runtime`'s one rule)."""
+    from clip.runtime import resolve_device as resolve
+
+    return resolve(device, local_rank)
 
 
 def init_from_env(device: str = "auto") -> DistInfo:

@@ -94,10 +94,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A zero-argument callable returning the autocast context for `precision` (weights stay fp32)."""
+    from clip.runtime import autocast
+
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}[precision]
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+    return lambda: autocast(device, precision)
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
