@@ -101,7 +101,7 @@ def calibrate(model: CLIP, pairs: EmojiPairs, batch_size: int, choices: tuple[in
     timings, data_wall, data_cpu = pace.time_choices(
         step, lambda: [pairs.get(j, 10**6 + 1) for j in range(len(batch))], choices, torch.set_num_threads
     )
-    return pace.Calibration(timings, data_wall, data_cpu, competing, os.cpu_count() or 1)
+    return pace.Calibration(timings, data_wall, data_cpu, competing, pace.available_cpus())
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _plan(cfg: DemoConfig, model: CLIP, pairs: EmojiPairs, batch: int, budget_s:
     key = pace.timing_key({"model": cfg.model.to_dict(), "batch": batch, "aug": aug})
     remembered, ratio = pace.read_remembered(cache, key) if cache else (None, None)
     ratio = ratio or pace.DEFAULT_LOOP_RATIO
-    cal = calibrate(model, pairs, batch, pace.thread_choices(os.cpu_count()))
+    cal = calibrate(model, pairs, batch, pace.thread_choices(pace.available_cpus()))
     plan = pace.plan_steps(cal, budget_s, remembered, loop_ratio=ratio)
     if cache is not None and plan.busy is None:
         pace.remember(cache, key, idle_step_s=pace.idle_step_seconds(cal))
@@ -211,7 +211,7 @@ def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
             say(_busy_message(cfg, pacing))
     torch.set_num_threads(threads)
     governor = pace.ThreadGovernor(
-        pace.thread_choices(os.cpu_count()), threads, pacing.plan.plan_threads if pacing else None,
+        pace.thread_choices(pace.available_cpus()), threads, pacing.plan.plan_threads if pacing else None,
         expected=batch / (pacing.now_step_s * pacing.loop_ratio) if pacing else None,
     )  # fmt: skip
 
@@ -247,7 +247,7 @@ def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
         loop_s=result.elapsed_s, elapsed_s=time.monotonic() - t_start, budget_s=cfg.minutes * 60,
         strict=cfg.strict_time, stopped_early=result.stopped_early, events=governor.events,
         loads=pace.load_summary(load_before, governor.loads, load_after), thread_steps=dict(governor.thread_steps),
-        cpu_count=os.cpu_count() or 1, cache=str(pacing.cache) if pacing and pacing.cache else None,
+        cpu_count=pace.available_cpus(), cache=str(pacing.cache) if pacing and pacing.cache else None,
     )  # fmt: skip
     _learn_loop_ratio(pacing, results["pace"], result.stopped_early)
     write_report(out, results, scores, ret[1] if ret else [], data)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -79,28 +80,41 @@ def time_choices(
     wall: Callable[[], float] = time.perf_counter,
     cpu: Callable[[], float] = time.process_time,
 ) -> tuple[tuple[StepTiming, ...], float, float]:
-    """(per-thread-count timings, data wall seconds, data CPU seconds) of `reps` steps after one warm-up step."""
+    """(per-thread-count timings, data wall seconds, data CPU seconds): medians of `reps` steps after a warm-up.
+
+    One thread is timed first. A count whose warm-up step takes over 4x, or whose step takes over 2x, the best
+    median so far is cut short (its slowest evidence is its timing): on a busy machine two spin-waiting threads
+    can take seconds a step, and calibration must not spend half a minute proving it.
+    """
 
     def measure(fn: Callable[[], object]) -> tuple[float, float]:
         w0, c0 = wall(), cpu()
         fn()
         return wall() - w0, cpu() - c0
 
-    timings = []
-    for threads in choices:
+    timings: list[StepTiming] = []
+    for threads in sorted(choices):
         set_threads(threads)
-        step()  # the first step pays one-off allocation costs
-        runs = [measure(step) for _ in range(reps)]
+        warm = measure(step)  # the first step pays one-off allocation costs
+        best = min((t.wall_s for t in timings), default=math.inf)
+        runs = [warm] if warm[0] > 4 * best else []
+        while not runs or (len(runs) < reps and runs[-1][0] <= 2 * best):
+            runs.append(measure(step))
         timings.append(
             StepTiming(threads, statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
         )
     set_threads(1)
     data_runs = [measure(data) for _ in range(max(1, reps // 2))]
-    return (
-        tuple(timings),
-        statistics.median(w for w, _ in data_runs),
-        statistics.median(c for _, c in data_runs),
-    )
+    ordered = tuple(sorted(timings, key=lambda t: -t.threads))
+    return ordered, statistics.median(w for w, _ in data_runs), statistics.median(c for _, c in data_runs)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's share), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def thread_choices(cpu_count: int | None) -> tuple[int, ...]:

@@ -97,7 +97,18 @@ def test_time_choices_takes_medians_per_thread_count_with_injected_clocks():
     assert timings[0].wall_s == pytest.approx(0.2) and timings[0].cpu_s == pytest.approx(0.4)
     assert timings[1].wall_s == pytest.approx(0.3) and timings[1].cpu_s == pytest.approx(0.29)
     assert (data_wall, data_cpu) == (pytest.approx(0.05), pytest.approx(0.04))
-    assert m.calls == [2] * 6 + [1] * 6  # one warm-up step per thread count
+    assert m.calls == [1] * 6 + [2] * 6  # one thread first; one warm-up step per thread count
+
+
+def test_time_choices_cuts_a_count_short_when_it_is_far_slower():
+    """Two spin-waiting threads on a busy machine: one step proves it, not six."""
+    m = FakeMachine(wall={2: 4.5, 1: 0.4}, cpu={2: 1.0, 1: 0.28})
+    timings, _, _ = pace.time_choices(
+        m.step, m.data, (2, 1), m.set_threads, reps=5, wall=lambda: m.now, cpu=lambda: m.cpu_now
+    )
+    assert m.calls == [1] * 6 + [2]
+    assert timings[0] == StepTiming(2, pytest.approx(4.5), pytest.approx(1.0))
+    assert pace.plan_steps(Calibration(timings, 0.05, 0.04, 2.0, 2), 100.0).run_threads == 1
 
 
 def test_thread_choices():
