@@ -48,6 +48,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from clip.files import sha256_file  # re-exported: part of this module's API
 from clip.pretrained import HubFile, UrlFile, get_pretrained_cfg
 
 __all__ = [
@@ -151,15 +152,6 @@ def model_url(entry: PretrainedFile) -> str:
 def default_root() -> Path:
     """The cache folder shared with openai/CLIP: `~/.cache/clip`."""
     return Path("~/.cache/clip").expanduser()
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA256 (hex) of a file, read in chunks so that multi-GB checkpoints never sit in memory."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def download(

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from clip.data import templates as prompt_data
+from clip.files import IMAGE_EXTENSIONS, is_image_name  # noqa: F401  (the one definition)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR100_DIR = "cifar-100-python"
 
@@ -119,7 +119,7 @@ def _image_files(folder: Path, unreadable: list[dict[str, str]]) -> list[Path]:
     for top, _, names in os.walk(folder, onerror=failed):
         for name in names:
             path = Path(top) / name
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            if is_image_name(path) and path.is_file():
                 files.append(path)
     return sorted(files)
 

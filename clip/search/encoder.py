@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip.model import CLIP
+from clip.runtime import resolve_device
 
 # Bumped whenever the way images are read or vectors are computed changes: old indexes then refuse to mix.
 IDENTITY_VERSION = "clip-search-identity-v1"
@@ -69,7 +70,7 @@ class Encoder:
         self.model = model.eval()
         self.preprocess = preprocess
         self.spec = spec
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # "auto": CUDA when available (clip.runtime's one rule)
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device = "cpu") -> Encoder:
@@ -78,7 +79,7 @@ class Encoder:
 
         if not spec:
             raise ValueError("no model given: pass a model name (e.g. ViT-B/32) or a checkpoint path")
-        model, preprocess = load(spec, device=str(device))
+        model, preprocess = load(spec, device=resolve_device(device))
         stored = os.path.abspath(spec) if os.path.exists(spec) else spec
         return cls(model, preprocess, stored, device)
 

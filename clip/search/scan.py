@@ -7,7 +7,6 @@ hashing and decoding all happen in the workers, so they overlap with the model r
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,17 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from clip.files import IMAGE_EXTENSIONS, is_image_name  # noqa: F401  (the one definition; re-exported)
+from clip.files import sha256_file as file_sha256
 from clip.search.store import ErrorRecord, FileRecord
-
-# JPEG, PNG, WebP, GIF (first frame), BMP, TIFF.  Files with other extensions are not images to us.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
-)
-_HASH_BLOCK = 1 << 20
-
-
-def is_image_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def walk_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[str]:
@@ -59,14 +50,6 @@ def scan_images(
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in skip)
         found.extend(os.path.join(folder, f) for f in files if is_image_name(f) and not f.startswith("."))
     return sorted(found), sorted(unreadable)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from clip.files import IMAGE_EXTENSIONS, is_image_name  # the one definition (clip index / eval see the same)
 from clip.preprocess import RandomResizedCrop, image_transform, load_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 Order = Callable[[int], np.ndarray]
 
 
@@ -168,12 +168,7 @@ def read_csv(path: str, img_key: str, caption_key: str, separator: str | None) -
 
 def scan_folder(root: str) -> tuple[list[str], list[str]]:
     """(image paths, same-named .txt caption paths) under `root`, recursively, in sorted order."""
-    images = sorted(
-        os.path.join(d, f)
-        for d, _, files in os.walk(root)
-        for f in files
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    images = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if is_image_name(f))
     return images, [os.path.splitext(p)[0] + ".txt" for p in images]
 
 
@@ -189,7 +184,9 @@ def open_map_source(
     if os.path.isdir(source):
         images, captions = scan_folder(source)
         if not images:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under folder {source!r}")
+            raise ValueError(
+                f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under folder {source!r}"
+            )
         return PairDataset(images, captions, read_captions=True, **common)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"training data {source!r} is neither a file nor a folder")
