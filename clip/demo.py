@@ -119,7 +119,7 @@ def _plan(cfg: DemoConfig, model: CLIP, pairs: EmojiPairs, batch: int, budget_s:
     """Calibrate, plan, and remember this machine's idle timing (or use a remembered one when it is busy)."""
     cache = None if cfg.timing_cache == "" else Path(cfg.timing_cache or pace.default_timing_cache())
     aug = [cfg.crop_scale, cfg.jitter, cfg.gray_blur, cfg.shade]
-    key = pace.timing_key({"model": cfg.model.to_dict(), "batch": batch, "aug": aug})
+    key = pace.timing_key({"model": cfg.model.to_dict(), "batch": batch, "aug": aug, "workers": cfg.workers})
     remembered, ratio = pace.read_remembered(cache, key) if cache else (None, None)
     ratio = ratio or pace.DEFAULT_LOOP_RATIO
     cal = calibrate(model, pairs, batch, pace.thread_choices(pace.available_cpus()))

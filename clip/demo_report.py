@@ -121,9 +121,9 @@ def retrieval(
     text = parts[0].class_features  # [D, Q]
     sim = text.T @ feats.T  # [Q, P]
     truth = torch.as_tensor(data.image_concept[rows][None, :] == concepts[:, None])  # [Q, P]
-    # Rank of the best true image, ties counted against it (as clip.evaluation ranks): 1 = first.
+    # Rank of the best true image, ties with false images counted against it (as clip.evaluation ranks).
     best_true, best_j = sim.masked_fill(~truth, float("-inf")).max(dim=1)  # [Q], [Q]
-    first = (sim >= best_true[:, None]).sum(dim=1)  # [Q]
+    first = 1 + ((sim >= best_true[:, None]) & ~truth).sum(dim=1)  # [Q]; other true images never count
     metrics: dict[str, Any] = {
         f"recall@{r}": round(float((first <= r).float().mean()), 4) for r in (1, 5, 10)
     }
@@ -224,13 +224,14 @@ def retrieval_text(ret: dict[str, Any]) -> str:
 def report_markdown(results: dict[str, Any]) -> str:
     """report.md from results.json's content."""
     pace = results.get("pace", {})
-    threads = ", ".join(f"{n:,} steps on {t}" for t, n in pace.get("threads_used", {}).items()) or "unknown"
+    used = pace.get("threads_used", {}).items()
+    threads = ", ".join(f"{n:,} steps on {t} thread{'' if t == '1' else 's'}" for t, n in used) or "unknown"
     parts = [
         "# CLIP on emoji art: zero-shot report",
         f"A CLIP ({describe_model(results['model'])}) trained for {results['steps']:,} steps of "
         f"{results['batch_size']} pairs ({results['samples_seen']:,} samples, {results['train_images']:,} images "
         f"of {results['train_concepts']:,} concepts in the training styles) in {results['train_seconds']:.0f} s "
-        f"(CPU threads: {threads}), then evaluated zero-shot on what it never saw.",
+        f"({threads}), then evaluated zero-shot on what it never saw.",
         results_table(results),
     ]
     if pace.get("lines"):

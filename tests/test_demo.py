@@ -234,3 +234,51 @@ def test_shade_augmentation_darkens_one_side_and_keeps_the_background():
     background = (a - _white()).abs().amax(dim=0) < 1e-4
     assert background.any() and torch.allclose(a[:, background], b[:, background])
     assert not torch.allclose(a, b)
+
+
+def _scores_from_features(data, feature_of_concept):
+    """CellScores whose image and class features are given per concept (unit vectors [D])."""
+    import torch.nn.functional as F
+
+    from clip.demo_report import CellScores
+
+    out = {}
+    for kind in ("style", "concept", "both"):
+        cell = data.cell(kind)
+        img = F.normalize(
+            torch.stack([feature_of_concept(int(c)) for c in data.image_concept[cell.indices]]), dim=-1
+        )
+        cls = F.normalize(torch.stack([feature_of_concept(int(c)) for c in cell.class_concepts]), dim=-1).T
+        out[kind] = CellScores(cell, img, cls, img @ cls, torch.as_tensor(cell.labels))
+    return out
+
+
+def test_retrieval_counts_ties_against_and_finds_perfect_matches():
+    from clip.demo_report import category_breakdown, evaluate_cells, retrieval
+
+    data = subset_concepts(load_emoji(), np.arange(0, 1636, 7))
+    perfect = _scores_from_features(
+        data, lambda c: torch.nn.functional.one_hot(torch.tensor(c), data.num_concepts).float()
+    )
+    metrics, examples = retrieval(data, perfect, n_examples=4)
+    assert metrics["recall@1"] == 1.0 and metrics["queries"] == int(data.held_out.sum())
+    assert all(ex.true[0] and ex.first_true_rank == 1 for ex in examples)
+    assert len({ex.category for ex in examples}) == 4  # one query per category first
+    constant = _scores_from_features(data, lambda c: torch.ones(8))
+    metrics, examples = retrieval(data, constant, n_examples=4)
+    assert metrics["recall@1"] == 0.0 and metrics["recall@10"] == 0.0  # a collapsed model finds nothing
+    assert all(ex.first_true_rank > metrics["pool_images"] - 4 for ex in examples)  # after every false image
+    assert 0 < metrics["chance_recall_at_5"] < 0.2
+    # per category: top-1 from a direct count over the cell's images
+    rng = torch.Generator().manual_seed(0)
+    noisy = _scores_from_features(data, lambda c: torch.randn(16, generator=rng))
+    by_cat = category_breakdown(noisy, data)
+    cell = noisy["concept"]
+    hits = (cell.logits.argmax(dim=1) == cell.labels).numpy()
+    cats = data.categories[data.image_concept[cell.cell.indices]]
+    for cat, r in by_cat["concept"].items():
+        assert r["images"] == int((cats == cat).sum()) and r["top1"] == pytest.approx(
+            hits[cats == cat].mean(), abs=1e-4
+        )
+    assert list(by_cat["concept"])[0] == "Smileys & Emotion"  # Unicode's order
+    assert evaluate_cells(perfect)["style"]["top1"] == 1.0
