@@ -17,7 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="serve a search page for an index (localhost only by default)",
         description=(
             "Serve a web page to search IDX by text or by a dropped image, with a JSON API (/api/search, "
-            "POST /api/search/image, described at /openapi.json). Only indexed files are ever served."
+            "POST /api/search/image, described at /openapi.json), and clip-retrieval's back-end protocol "
+            "(POST /knn-service, POST /metadata, GET /indices-list) for its ClipClient and front end. Only "
+            "indexed files are ever served."
         ),
     )
     parser.add_argument("index", metavar="IDX", help="index folder made by `clip index`")
@@ -33,6 +35,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="also answer requests for host NAME (repeatable). By default only IP addresses, localhost and "
         "the --host name are answered, so a web page cannot reach the server through DNS rebinding",
+    )
+    parser.add_argument(
+        "--index-name",
+        metavar="NAME",
+        help="the index's name in clip-retrieval's API (/indices-list, indice_name; default: IDX's folder name)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages of ORIGIN (e.g. http://localhost:1235, where clip-retrieval's front end runs) call the "
+        "API from the browser (repeatable). None by default: other sites' pages cannot read the index",
     )
     add_index_model_args(parser)
     parser.set_defaults(func=run)
@@ -65,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
         _ = idx.encoder
     print(f"serving {len(idx)} images from {args.index} at http://{args.host}:{args.port}/", flush=True)
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
-    serve(idx, args.host, args.port, limits, allowed_hosts=args.allowed_host)
+    serve(idx, args.host, args.port, limits, allowed_hosts=args.allowed_host, index_name=args.index_name,
+          cors_origins=args.cors_origin)  # fmt: skip
     return 0

@@ -8,6 +8,8 @@ Endpoints (described at /openapi.json):
     GET  /api/thumb?path=        a JPEG thumbnail, generated on first request and cached in IDX/thumbs
     GET  /api/image?path=        the original file
     GET  /api/info               index size, model and unreadable-file count
+    POST /knn-service, POST /metadata, GET /indices-list    clip-retrieval's back-end protocol
+                                 (`clip.search.retrieval_api`: its ClipClient and front end work against it)
 
 Safety: a file is served only if its path is, character for character, a path the index holds (no path is
 joined, normalised or decoded into the file system, so `../`, encoded and absolute paths fail the lookup), and
@@ -112,20 +114,26 @@ def _shown(path: str) -> str:
 
 
 def _hit_json(index: Index, rank: int, hit: Hit) -> dict[str, Any]:
+    """A result for the page; a hit with no servable file (a WebDataset sample of an index built from
+    embeddings, a file gone) has no thumb or image URL."""
     info = index.file_info(hit.path)
     q = quote(os.fsencode(hit.path), safe="")  # the name's own bytes, so non-UTF-8 names round-trip
     if info is not None:  # a new URL for new content: a browser never shows a cached picture of old bytes
         q += f"&v={info.sha256[:16]}"
-    return {
+    out = {
         "rank": rank,
+        "id": hit.id,
         "path": _shown(hit.path),
         "name": _shown(os.path.basename(hit.path)),
         "score": round(hit.score, 5),
         "width": info.width if info else None,
         "height": info.height if info else None,
-        "thumb": f"api/thumb?path={q}",
-        "image": f"api/image?path={q}",
+        "thumb": f"api/thumb?path={q}" if info else None,
+        "image": f"api/image?path={q}" if info else None,
     }
+    if hit.caption is not None:
+        out["caption"] = hit.caption
+    return out
 
 
 def _page(
@@ -249,9 +257,9 @@ class SearchApp:
         )
 
     async def info(self, request: Request) -> Response:
-        return JSONResponse(
-            {"count": len(self.index), "model": self.index.model_spec, "errors": len(self.index.errors())}
-        )
+        index = self.index
+        return JSONResponse({"count": len(index), "model": index.model_spec, "errors": len(index.errors()),
+                             "kind": index.kind, "captions": index.has_captions})  # fmt: skip
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_spec(self.limits))
@@ -296,14 +304,22 @@ class SearchApp:
 
     async def thumb(self, request: Request) -> Response:
         info = self._indexed(request)
+        headers = {"Cache-Control": "private, max-age=86400"}
+        cached, data = await self.thumbnail(info)
+        if data is None:
+            return FileResponse(cached, media_type="image/jpeg", headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    async def thumbnail(self, info: FileRecord) -> tuple[Any, bytes | None]:
+        """(cached thumbnail path, None) or (path, new JPEG bytes) of an indexed file; ApiError 404 unless the
+        file is still the indexed one (`clip.search.guard`)."""
         roots = self.index.roots
         size = self.limits.thumb_size
         cached = self.thumb_dir / thumb_name(info.sha256, size)
-        headers = {"Cache-Control": "private, max-age=86400"}
         try:
             await run_in_threadpool(check_unchanged, info, roots)  # deleted or changed: no thumbnail either
             if cached.is_file():
-                return FileResponse(cached, media_type="image/jpeg", headers=headers)
+                return cached, None
             original, _ = await run_in_threadpool(read_verified, info, roots)
             data = await self._bounded(make_thumbnail, original, size)
         except FileChangedError as err:
@@ -314,7 +330,7 @@ class SearchApp:
             atomic_write_bytes(cached, data)
         except OSError as err:  # a read-only index still serves thumbnails, uncached
             log.warning("cannot cache thumbnail in %s: %s", self.thumb_dir, err)
-        return Response(data, media_type="image/jpeg", headers=headers)
+        return cached, data
 
     async def image(self, request: Request) -> Response:
         info = self._indexed(request)
@@ -350,11 +366,19 @@ def create_app(
     *,
     bind_host: str = "127.0.0.1",
     allowed_hosts: Iterable[str] = (),
+    index_name: str | None = None,
+    cors_origins: Iterable[str] = (),
 ) -> Starlette:
     """The ASGI app serving `index`, answering requests whose Host is an IP address, localhost, `bind_host`
-    or one of `allowed_hosts` ("*": any)."""
+    or one of `allowed_hosts` ("*": any).  It also speaks clip-retrieval's back-end protocol
+    (`clip.search.retrieval_api`) for the index named `index_name` (default: its folder's name); pages of
+    `cors_origins` (none by default) may call the API from the browser (clip-retrieval's front end)."""
+    from clip.search.retrieval_api import RetrievalApi, cors_middleware
+
     h = SearchApp(index, limits or ServerLimits())
+    knn = RetrievalApi(h, index_name or default_index_name(index))
     routes = [
+        *knn.routes(_guard),
         Route("/", _guard(h.page), methods=["GET"]),
         Route("/api/search", _guard(h.search_text), methods=["GET"]),
         Route("/api/search/image", _guard(h.search_image), methods=["POST"]),
@@ -364,7 +388,13 @@ def create_app(
         Route("/openapi.json", _guard(h.openapi), methods=["GET"]),
     ]
     names = allowed_host_names(bind_host, allowed_hosts)
-    return Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, allowed_names=names)])
+    middleware = [Middleware(GuardMiddleware, allowed_names=names), *cors_middleware(cors_origins)]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def default_index_name(index: Index) -> str:
+    """The name clip-retrieval's clients use for the index (`indice_name`): its folder's name."""
+    return os.path.basename(os.path.realpath(index.root)) or "index"
 
 
 def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
@@ -403,6 +433,8 @@ def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
     ok = {"200": {"description": "results", "content": {"application/json": {"schema": result}}}}
     err = {"description": "error", "content": {"application/json": {"schema": {"properties": {"error": {}}}}}}
     path_param = [{"name": "path", "in": "query", "required": True, "schema": {"type": "string"}}]
+    from clip.search.retrieval_api import openapi_paths
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -459,6 +491,7 @@ def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
             "/api/info": {
                 "get": {"summary": "Index size and model", "responses": {"200": {"description": "info"}}}
             },
+            **openapi_paths(limits),
         },
     }
 
@@ -469,13 +502,16 @@ def server_config(
     port: int = 8000,
     limits: ServerLimits | None = None,
     allowed_hosts: Iterable[str] = (),
+    index_name: str | None = None,
+    cors_origins: Iterable[str] = (),
     **uvicorn_options: Any,
 ) -> Any:
     """The `uvicorn.Config` that `serve` runs: the app, the Host allow-list and the slow-client timeout."""
     import uvicorn
 
     limits = limits or ServerLimits()
-    app = create_app(index, limits, bind_host=host, allowed_hosts=allowed_hosts)
+    app = create_app(index, limits, bind_host=host, allowed_hosts=allowed_hosts, index_name=index_name,
+                     cors_origins=cors_origins)  # fmt: skip
     options = {"log_level": "info", "timeout_keep_alive": 5, **uvicorn_options}
     return uvicorn.Config(
         app, host=host, port=port, http=timed_h11_protocol(limits.header_timeout), **options
@@ -488,8 +524,10 @@ def serve(
     port: int = 8000,
     limits: ServerLimits | None = None,
     allowed_hosts: Iterable[str] = (),
+    index_name: str | None = None,
+    cors_origins: Iterable[str] = (),
 ) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.Server(server_config(index, host, port, limits, allowed_hosts)).run()
+    uvicorn.Server(server_config(index, host, port, limits, allowed_hosts, index_name, cors_origins)).run()
