@@ -33,9 +33,9 @@ def _trim(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Cut a batch of ids [B, context_length] after its longest text, for this project's causal CLIP only."""
     from clip.model import CLIP
 
-    if not isinstance(model, CLIP) or not model.config.text.cut_after_eot:
-        return tokens  # other models (e.g. OpenCLIP's, SigLIP's bidirectional tower) need the full length
-    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # argmax: the end-of-text token, the highest id
+    if not isinstance(model, CLIP):
+        return tokens  # other libraries' models (e.g. OpenCLIP's) get the full length
+    return model.trim_text(tokens)
 
 
 def _default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:

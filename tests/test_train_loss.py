@@ -228,12 +228,12 @@ def test_accumulation_equals_one_big_batch_in_one_process():
 def test_trim_text_cuts_after_last_end_of_text_exactly(tiny_model, monkeypatch):
     """The host-side cut keeps each caption's feature (causal attention) and rounds to a multiple of 8."""
     from clip.tokenizer import tokenize
-    from clip.train.step import trim_text
 
+    trim_text = tiny_model.trim_text
     ctx = tiny_model.context_length
     tokens = tokenize(["a dog", "a photo of a small red cat on a mat"], context_length=ctx)
     last = int(tokens.argmax(dim=-1).max()) + 1
-    cut = trim_text(tokens)
+    cut = trim_text(tokens, multiple=8)
     assert cut.shape[1] % 8 == 0 and last <= cut.shape[1] < last + 8
     assert torch.equal(cut, tokens[:, : cut.shape[1]])
     assert trim_text(tokens, multiple=ctx + 5).shape[1] == ctx  # never longer than the context
@@ -243,3 +243,24 @@ def test_trim_text_cuts_after_last_end_of_text_exactly(tiny_model, monkeypatch):
         full, trimmed = tiny_model.encode_text(tokens), tiny_model.encode_text(cut)
     assert full.shape == trimmed.shape
     torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)
+
+
+def test_trim_text_keeps_the_eos_token_of_eos_pooled_towers(monkeypatch):
+    """OpenCLIP's eos pooling (-worldwide: eos_id 2, below most ids): the cut keeps each row's eos token,
+    not the position of the row maximum, so features stay exact; bidirectional towers are never cut."""
+    from clip.config import get_config
+    from clip.model import CLIP
+
+    torch.manual_seed(0)
+    cfg = get_config("ViT-Tiny/8@32px").replace(text={"pool_type": "eos", "eos_id": 2})
+    model = CLIP(cfg).eval()
+    tokens = torch.ones(2, 32, dtype=torch.long)  # pad id 1, as XLM-R's tokenizer
+    tokens[0, :12] = torch.tensor([0, 900, 7, 8, 9, 10, 11, 12, 13, 14, 15, 2])  # eos at 11, max at 1
+    tokens[1, :3] = torch.tensor([0, 40000, 2])
+    cut = model.trim_text(tokens, multiple=8)
+    assert cut.shape[1] == 16
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the full length, as on a GPU
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(cut), model.encode_text(tokens), rtol=1e-5, atol=1e-6)
+    bidirectional = CLIP(cfg.replace(text={"no_causal_mask": True}))
+    assert bidirectional.trim_text(tokens) is tokens

@@ -133,6 +133,24 @@ class CLIP(nn.Module):
             return torch.zeros(text.shape[0], dtype=torch.long, device=text.device)
         return None
 
+    def trim_text(self, text: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+        """Token ids [N, L] -> [N, L'], cut after the batch's last pooled token, L' rounded up to `multiple`.
+
+        Exact where later positions cannot change the features (a causal tower pooled at one position:
+        OpenAI's end-of-text argmax, or OpenCLIP's `eos_id`); any other tower gets `text` unchanged.  The
+        one definition of the end-of-text cut: `encode_text` (on CPU), zero-shot weights and training use it.
+        """
+        index = self._pool_index(text)
+        if (
+            index is None
+            or text.numel() == 0
+            or not self.config.text.cut_after_eot
+            or not self.transformer.is_causal
+        ):
+            return text
+        last = int(index.max()) + 1
+        return text[:, : min(text.shape[1], -(-last // multiple) * multiple)]
+
     def _cut(self, text: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """Drop the positions after the last pooled token where they cannot change the features.
 
@@ -145,7 +163,7 @@ class CLIP(nn.Module):
             return text
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or not self.transformer.is_causal:
             return text
-        return text[:, : int(index.max()) + 1]
+        return self.trim_text(text)
 
     def text_tokens(self, text: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """token ids [N, L] -> the text transformer's input [N, L', D] (embeddings + positions)."""

@@ -79,7 +79,7 @@ def to_device(batch: Batch | None, ctx: StepContext) -> Micro:
     device = ctx.info.device
     if batch is not None and batch.size > 0:
         # Only where later positions cannot matter (causal, end-of-text pooled); SigLIP's text tower sees them.
-        texts = trim_text(batch.texts) if ctx.inner.clip.config.text.cut_after_eot else batch.texts
+        texts = ctx.inner.clip.trim_text(batch.texts, multiple=8)
         return Micro(
             batch.images.to(device, non_blocking=True), texts.to(device, non_blocking=True), batch.size
         )
@@ -88,22 +88,6 @@ def to_device(batch: Batch | None, ctx: StepContext) -> Micro:
     images = torch.zeros(1, 3, n, n, device=device)
     texts = torch.zeros(1, cfg.text.context_length, dtype=torch.long, device=device)
     return Micro(images, texts, 0)
-
-
-def trim_text(texts: torch.Tensor, multiple: int = 8) -> torch.Tensor:
-    """Token ids [b, L] -> [b, L'], cut after the batch's last end-of-text token (the row maximum), with L'
-    rounded up to a multiple of `multiple` (at most L).
-
-    Exact: text attention is causal and features are pooled at end-of-text, so later (padding) positions
-    cannot change them. Done here, on the host, before the copy to the device: short captions then cost
-    a fraction of the full context's compute without a device sync. The rounding keeps few distinct shapes
-    (torch.compile, cuBLAS heuristics) and aligned matrix sizes.
-    """
-    if texts.numel() == 0:
-        return texts
-    last = int(texts.argmax(dim=-1).max()) + 1
-    keep = min(texts.shape[1], -(-last // multiple) * multiple)
-    return texts[:, :keep]
 
 
 def _pad(features: torch.Tensor, valid: int, rows: int) -> torch.Tensor:
