@@ -454,35 +454,12 @@ def pace_verdict(
     """
     achieved = steps_done / loop_s if loop_s > 0 else 0.0
     planned = plan.steps_per_s if plan else None
+    planned_loop = planned_steps / planned if planned else None
     own = max(thread_steps, key=thread_steps.get) if thread_steps else 1
-    during = loads.get("during")
-    # The load average counts this run's own runnable threads; what is left is other processes.
-    others = during["mean"] - own if during else None
-    evidence = [
-        f"Before training, {plan.busy}." if plan is not None and plan.busy else "",
-        f"During training, other processes added about {others:.1f} to the load average ({cpu_count} cores)."
-        if others is not None and others >= 0.75
-        else "",
-        "Throughput fell during training (see the thread trials below)."
-        if any(e["trigger"] == "drop" for e in events)
-        else "",
-        f"Training ran at {achieved / planned:.0%} of the planned speed."
-        if planned is not None and achieved < 0.8 * planned
-        else "",
-    ]
-    evidence = [e for e in evidence if e]
+    evidence = _busy_evidence(plan, loads, own, events, achieved, planned, cpu_count)
     busy = bool(evidence)
-    load_text = f"load average (1 min) {_fmt(loads.get('before'))} before, " + (
-        f"{during['min']:.1f}-{during['max']:.1f} during (mean {during['mean']:.1f}, this run's own {own} "
-        "thread(s) included)"
-        if during
-        else "not sampled during"
-    )
-    load_text += f", {_fmt(loads.get('after'))} after, on {cpu_count} cores"
-    lines = [
-        ("**The machine was busy**: " if busy else "The machine was not busy: ") + load_text + ".",
-        *evidence,
-    ]
+    lines = [("**The machine was busy**: " if busy else "The machine was not busy: ")
+             + _load_text(loads, own, cpu_count) + ".", *evidence]  # fmt: skip
     if plan is not None:
         src = _SOURCES[plan.source].format(t=plan.plan_threads, cache=cache or "the timing cache")
         lines.append(
@@ -490,18 +467,23 @@ def pace_verdict(
         )
     else:
         lines.append(f"Fixed length: {planned_steps:,} steps (`--steps`); achieved {achieved:.2f} steps/s.")
-    planned_loop = planned_steps / planned if planned else None
     if stopped_early:
         lines.append(
             f"With `--strict-time` it stopped at the budget after {steps_done:,} of {planned_steps:,} planned steps: "
             "the scores are lower than this machine gives idle (a shorter run of the same schedule learns less)."
         )
-    elif plan is not None and (busy or elapsed_s > budget_s):
+    elif plan is not None and busy:
         lines.append(
             f"It kept the {planned_steps:,} planned steps, so the scores are what this machine gives idle, and took "
             f"{loop_s:.0f} s to train instead of the {planned_loop:.0f} s planned ({elapsed_s:.0f} s in all against "
             f"the {budget_s:.0f} s budget). Why: a run cut at the budget on a busy machine trains a fraction of the "
             "steps and scores far lower; `--strict-time` stops at the budget instead."
+        )
+    elif plan is not None and elapsed_s > budget_s:
+        lines.append(
+            f"It took {elapsed_s:.0f} s against the {budget_s:.0f} s budget on a machine that stayed idle: the plan "
+            f"expected {planned_loop:.0f} s of training and it took {loop_s:.0f} s (it remembers this machine's "
+            "loop speed, so the next plan here fits, unless `--timing-cache none`)."
         )
     for e in events:
         did = (
@@ -526,6 +508,45 @@ def pace_verdict(
         "thread_trials": list(events),
         "lines": lines,
     }
+
+
+def _busy_evidence(
+    plan: Plan | None,
+    loads: dict[str, Any],
+    own: int,
+    events: Sequence[dict[str, Any]],
+    achieved: float,
+    planned: float | None,
+    cpu_count: int,
+) -> list[str]:
+    """The sentences that show the machine was busy (none: it was not)."""
+    during = loads.get("during")
+    # The load average counts this run's own runnable threads; what is left is other processes.
+    others = during["mean"] - own if during else None
+    evidence = [
+        f"Before training, {plan.busy}." if plan is not None and plan.busy else "",
+        f"During training, other processes added about {others:.1f} to the load average ({cpu_count} cores)."
+        if others is not None and others >= 0.75
+        else "",
+        "Throughput fell during training (see the thread trials below)."
+        if any(e["trigger"] == "drop" for e in events)
+        else "",
+        f"Training ran at {achieved / planned:.0%} of the planned speed."
+        if planned is not None and achieved < 0.8 * planned
+        else "",
+    ]
+    return [e for e in evidence if e]
+
+
+def _load_text(loads: dict[str, Any], own: int, cpu_count: int) -> str:
+    during = loads.get("during")
+    middle = (
+        f"{during['min']:.1f}-{during['max']:.1f} during (mean {during['mean']:.1f}, this run's own {own} "
+        "thread(s) included)"
+        if during
+        else "not sampled during"
+    )
+    return f"load average (1 min) {_fmt(loads.get('before'))} before, {middle}, {_fmt(loads.get('after'))} after, on {cpu_count} cores"
 
 
 def _fmt(x: float | None) -> str:

@@ -280,3 +280,11 @@ def test_verdict_lists_thread_trials():
     v = _verdict(None, events=events)
     assert v["busy"] and any("at step 140 went from 2 to 1" in line for line in v["lines"])
     assert any(line.startswith("Fixed length: 200 steps") for line in v["lines"])
+
+
+def test_verdict_on_an_idle_run_that_overran_says_the_plan_was_optimistic():
+    plan = pace.plan_steps(IDLE, 500.0)
+    v = _verdict(plan, loop_s=plan.steps * plan.step_s * 1.1, elapsed_s=640.0)
+    text = " ".join(v["lines"])
+    assert not v["busy"] and "took 640 s against the 600 s budget on a machine that stayed idle" in text
+    assert "kept the" not in text
