@@ -28,6 +28,15 @@ TARGET_RECALL = 0.95
 RECALL_K = 10
 ADD_CHUNK = 65536
 PARALLEL_MIN_QUERIES = 16
+# Everyday photo subjects for tuning the approximate index on text queries.
+TUNING_SUBJECTS = (
+    "a dog", "a cat", "a car", "a beach", "mountains", "a city street at night", "a birthday party",
+    "a person smiling", "food on a plate", "a flower", "a bird", "snow", "a boat", "a bicycle", "a building",
+    "a forest", "a sunset", "a baby", "a group of people", "a document", "a screenshot", "a horse", "a bridge",
+    "a river", "a kitchen", "a bedroom", "a concert", "a painting", "a map", "a cake", "a cup of coffee",
+    "a computer", "a phone", "children playing", "a wedding", "an airplane", "a train", "a tree", "a bus",
+    "a football match",
+)  # fmt: skip
 
 
 def require_faiss() -> ModuleType:

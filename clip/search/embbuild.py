@@ -203,7 +203,7 @@ def write_rows(source: Path, root: Path, token: str, shard_list: list[dict], dim
             text.flush()
             del text
     order = np.argsort(hashes, kind="stable")
-    table = np.stack([hashes[order], order.astype(np.int64)], axis=1)
+    table = np.stack([hashes[order], order.astype(np.int64)])  # [2, N]: each row contiguous for searchsorted
     with atomic_path(root / names["paths"]) as tmp, open(tmp, "wb") as f:
         np.save(f, table)
     return {"files": names, "roots": minimal_roots(set(folders.values()))}
@@ -213,8 +213,7 @@ def add_ivf(root: Path, manifest: dict, vectors: ShardedVectors, captions: Shard
             encoder: Encoder, *, max_index_memory: int | None = None, target_recall: float = TARGET_RECALL,
             log: Callable[[str], None] = _stderr) -> dict:  # fmt: skip
     """Build the IVF index of the images (and of the captions), record them in the manifest; returns it."""
-    from clip.search.ann import probe_queries
-    from clip.search.index import TUNING_SUBJECTS
+    from clip.search.ann import TUNING_SUBJECTS, probe_queries
     from clip.search.ivf import build_ivf, choose_codes, format_bytes
 
     budget = max_index_memory or manifest.get("max_index_memory") or DEFAULT_MAX_INDEX_MEMORY

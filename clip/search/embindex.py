@@ -6,7 +6,7 @@ Layout of its folder (every file but the manifest carries a token; the manifest,
                                  bytes, mtime), the folders files may be served from, the IVF indexes
     metadata-<t>.arrow           Arrow IPC file, memory-mapped: key, path, tar, caption, width, height, and the
                                  size and mtime of each file when the index was built (-1: no file)
-    paths-<t>.npy                int64 [N, 2]: (64-bit hash of the path, row), sorted, for path lookups
+    paths-<t>.npy                int64 [2, N]: 64-bit hashes of the paths (sorted) and their rows
     captions-<t>.npy             float16 [N, D] caption embeddings (when the job embedded captions)
     images-<t>.faiss, captions-<t>.faiss    IVF indexes (`clip.search.ivf`), ids = rows
     thumbs/                      thumbnails cached by `clip serve`
@@ -247,9 +247,9 @@ class EmbeddingsIndex:
 
     def _row_of(self, path: str) -> int | None:
         h = path_hash(path)
-        keys = self._paths[:, 0]
+        keys = self._paths[0]  # contiguous: a binary search touches log2(N) pages (a strided view is copied)
         lo, hi = np.searchsorted(keys, h, "left"), np.searchsorted(keys, h, "right")
-        for row in self._paths[lo:hi, 1]:
+        for row in self._paths[1, lo:hi]:
             if self._meta.get([int(row)])[0]["path"] == path:
                 return int(row)
         return None

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip.search import ann as ann_mod
+from clip.search.ann import TUNING_SUBJECTS
 from clip.search.embindex import is_embeddings_index
 from clip.search.encoder import Encoder, as_encoder
 from clip.search.report import IndexReport
@@ -42,15 +43,6 @@ from clip.search.topk import rank, search_exact
 # Above this many vectors an exact scan costs more than ~25 ms per query on a 2-core CPU (see docs/search.md),
 # so `clip index` builds an approximate index and searches use it.
 ANN_THRESHOLD = 100_000
-# Everyday photo subjects for tuning the approximate index on text queries.
-TUNING_SUBJECTS = (
-    "a dog", "a cat", "a car", "a beach", "mountains", "a city street at night", "a birthday party",
-    "a person smiling", "food on a plate", "a flower", "a bird", "snow", "a boat", "a bicycle", "a building",
-    "a forest", "a sunset", "a baby", "a group of people", "a document", "a screenshot", "a horse", "a bridge",
-    "a river", "a kitchen", "a bedroom", "a concert", "a painting", "a map", "a cake", "a cup of coffee",
-    "a computer", "a phone", "children playing", "a wedding", "an airplane", "a train", "a tree", "a bus",
-    "a football match",
-)  # fmt: skip
 COMPACT_EVERY = 256  # commits between shard merges during a run
 ANN_STALE_FRACTION = 0.1  # rebuild once this share of vectors was added or deleted since the last build
 
