@@ -117,11 +117,13 @@ def encode_captions(
     precision: str = "fp32", progress: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Unit-norm text features [N, D] of `captions` (prefixed, with the model's tokenizer, truncated)."""
-    from clip.evaluation.features import encode_texts
+    from clip.evaluation.features import EncodeOptions, encode_texts
     from clip.loading import get_tokenizer
 
     tokens = get_tokenizer(model)(with_prefix(captions, prefix))
-    return encode_texts(model.encode_text, tokens, batch_size, _device_of(model), precision, progress)
+    return encode_texts(
+        model.encode_text, tokens, EncodeOptions(batch_size, 0, _device_of(model), precision, progress)
+    )
 
 
 def encode_image_inputs(
@@ -134,7 +136,7 @@ def encode_image_inputs(
     """
     from PIL import Image
 
-    from clip.evaluation.features import autocast, encode_images
+    from clip.evaluation.features import EncodeOptions, autocast, encode_images
 
     device = _device_of(model)
     if isinstance(images, torch.Tensor):
@@ -153,7 +155,7 @@ def encode_image_inputs(
                                    precision=precision)  # fmt: skip
     paths = [str(x) for x in images]
     enc = encode_images(
-        model.encode_image, paths, preprocess, batch_size, workers, device, precision, progress
+        model.encode_image, paths, preprocess, EncodeOptions(batch_size, workers, device, precision, progress)
     )
     if enc.failed:
         i, message = enc.failed[0]
@@ -243,7 +245,7 @@ def score_collection(
     ref_clip_score per scored image, in input order) and `errors` (key, error) for the pairs left out.
     """
     from clip.collection.sources import read_caption
-    from clip.evaluation.features import encode_images
+    from clip.evaluation.features import EncodeOptions, encode_images
 
     if collection.kind == "tar":
         raise ValueError("clip score reads a folder of images or a CSV/TSV/Parquet table, not tar shards")
@@ -263,8 +265,10 @@ def score_collection(
         first = f"; first: {errors[0]['error']}" if errors else ""
         raise ValueError(f"none of the {len(samples)} pairs can be scored{first}")
     device = _device_of(model)
-    enc = encode_images(model.encode_image, [s.path or "" for s, _ in usable], preprocess, batch_size, workers,
-                        device, precision, progress, desc="images")  # fmt: skip
+    options = EncodeOptions(batch_size, workers, device, precision, progress)
+    enc = encode_images(
+        model.encode_image, [s.path or "" for s, _ in usable], preprocess, options, desc="images"
+    )
     errors += [{"key": usable[i][0].key, "error": message} for i, message in enc.failed]
     kept = [usable[i] for i in enc.index.tolist()]
     refs = [references[s.key] for s, _ in kept] if references is not None else None

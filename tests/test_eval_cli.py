@@ -11,7 +11,8 @@ from test_eval_datasets import make_folder, write_cifar10, write_image
 
 import clip.cli
 from clip.evaluation.datasets import load_labeled_images
-from clip.evaluation.zeroshot_eval import zeroshot_evaluate
+from clip.evaluation.features import EncodeOptions
+from clip.evaluation.zeroshot_eval import evaluate_zeroshot
 from clip.loading import load
 from clip.zeroshot import zero_shot_classifier
 
@@ -56,7 +57,9 @@ def test_eval_zeroshot_image_folder(cli, tiny_checkpoint, tmp_path):
     model, preprocess = load(str(tiny_checkpoint), device="cpu")
     dataset = load_labeled_images(data)
     classifier = zero_shot_classifier(model, dataset.classnames, ["a photo of a {}."])
-    ref = zeroshot_evaluate(model.encode_image, dataset, classifier, preprocess, progress=False)
+    ref = evaluate_zeroshot(
+        model.encode_image, dataset, classifier, preprocess, EncodeOptions(progress=False)
+    )
     assert res["top1"] == ref.topk[1] and res["mean_per_class_recall"] == ref.mean_per_class_recall
     png = tmp_path / "res" / "results_confusion.png"
     assert res["confusion_matrix_png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

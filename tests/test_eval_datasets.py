@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from clip.evaluation import datasets as ds
-from clip.evaluation.features import encode_images
+from clip.evaluation.features import EncodeOptions, encode_images
 
 
 def write_cifar10(root, n_test=6, n_train_per_batch=2):
@@ -153,13 +153,15 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
         seen.append(x.shape)
         return x.flatten(1)[:, :8]
 
-    enc = encode_images(encode, data.sources, lambda im: torch.ones(3, 4, 4), batch_size=3, progress=False)
+    enc = encode_images(
+        encode, data.sources, lambda im: torch.ones(3, 4, 4), EncodeOptions(batch_size=3, progress=False)
+    )
     assert enc.index.tolist() == [1, 2, 3] and enc.n_skipped == 1
     assert enc.failed[0][0] == 0 and "broken.jpg" in enc.failed[0][1]
     assert seen == [(2, 3, 4, 4), (1, 3, 4, 4)]
     torch.testing.assert_close(enc.features.norm(dim=1), torch.ones(3))
     with pytest.raises(ValueError, match="none of the 1 images could be read"):
-        encode_images(encode, data.sources[:1], lambda im: torch.ones(3, 4, 4), progress=False)
+        encode_images(encode, data.sources[:1], lambda im: torch.ones(3, 4, 4), EncodeOptions(progress=False))
 
 
 def test_labeled_csv(tmp_path):

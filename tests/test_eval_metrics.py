@@ -112,15 +112,15 @@ def test_image_without_caption_is_an_error():
         metrics.image_to_text_ranks(torch.zeros(2, 2), torch.tensor([0, 0]))
 
 
-def test_evaluate_retrieval_blocks_match_metrics():
-    from clip.evaluation.retrieval_eval import evaluate_retrieval
+def test_score_retrieval_blocks_match_metrics():
+    from clip.evaluation.retrieval_eval import score_retrieval
 
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(12, 4, generator=g), dim=-1)
     cap = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4])
-    whole = evaluate_retrieval(img, txt, cap, block=100)
-    blocked = evaluate_retrieval(img, txt, cap, block=3)
+    whole = score_retrieval(img, txt, cap, block=100)
+    blocked = score_retrieval(img, txt, cap, block=3)
     assert whole == blocked
     sim = img @ txt.t()
     ref = metrics.retrieval_metrics(

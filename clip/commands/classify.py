@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from clip.commands.common import CLIError, add_model_args, load_model
+from clip.commands.common import CLIError, add_model_args, encode_options, load_model
 from clip.commands.output import print_line
 
 
@@ -63,19 +63,9 @@ def classify_images(args: argparse.Namespace) -> dict[str, Any]:
     if args.top < 1:
         raise CLIError("--top must be >= 1")
     model, preprocess, device = load_model(args)
-    progress = not args.no_progress
     with autocast(device, args.precision):
         classifier = zero_shot_classifier(model, labels, templates, device=device)  # [D, K]
-    enc = encode_images(
-        model.encode_image,
-        args.images,
-        preprocess,
-        args.batch_size,
-        args.workers,
-        device,
-        args.precision,
-        progress,
-    )
+    enc = encode_images(model.encode_image, args.images, preprocess, encode_options(args, device))
     probs = zero_shot_probabilities(model, enc.features, classifier.cpu())  # [N_ok, K]
     top = probs.topk(min(args.top, len(labels)), dim=-1)
     results = [

@@ -39,6 +39,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
 
+def encode_options(args: argparse.Namespace, device: str) -> Any:
+    """The evaluators' `EncodeOptions` from the shared model arguments."""
+    from clip.evaluation.features import EncodeOptions
+
+    return EncodeOptions(args.batch_size, args.workers, device, args.precision, not args.no_progress)
+
+
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """Load `args.model` in eval mode on `args.device` -> (model, preprocess, device)."""
     from clip.loading import load

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from clip.commands.common import CLIError, add_model_args, load_model
+from clip.commands.common import CLIError, add_model_args, encode_options, load_model
 from clip.io import atomic_write_json, check_output_file
 
 
@@ -124,7 +124,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from clip.data.templates import resolve_templates
     from clip.evaluation.datasets import load_labeled_images, read_classnames
     from clip.evaluation.features import autocast, describe_failures
-    from clip.evaluation.zeroshot_eval import zeroshot_evaluate
+    from clip.evaluation.zeroshot_eval import evaluate_zeroshot
     from clip.zeroshot import zero_shot_classifier
 
     start = time.perf_counter()
@@ -143,16 +143,8 @@ def run_zeroshot(args: argparse.Namespace) -> int:
             device=device,
             progress=progress,
         )
-    result = zeroshot_evaluate(
-        model.encode_image,
-        dataset,
-        classifier,
-        preprocess,
-        args.batch_size,
-        args.workers,
-        device,
-        args.precision,
-        progress,
+    result = evaluate_zeroshot(
+        model.encode_image, dataset, classifier, preprocess, encode_options(args, device)
     )
     png = _confusion_png(args, result, dataset.classnames)
     results = {
@@ -180,7 +172,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 def run_retrieval(args: argparse.Namespace) -> int:
     from clip.evaluation.datasets import load_caption_csv
-    from clip.evaluation.retrieval_eval import retrieval_evaluate
+    from clip.evaluation.retrieval_eval import evaluate_retrieval
     from clip.loading import get_tokenizer
 
     start = time.perf_counter()
@@ -189,17 +181,13 @@ def run_retrieval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such caption CSV: {args.data}")
     pairs = load_caption_csv(args.data)
     model, preprocess, device = load_model(args)
-    metrics = retrieval_evaluate(
+    metrics = evaluate_retrieval(
         model.encode_image,
         model.encode_text,
         get_tokenizer(model),
         pairs,
         preprocess,
-        args.batch_size,
-        args.workers,
-        device,
-        args.precision,
-        not args.no_progress,
+        encode_options(args, device),
     )
     results = {**_header(args, "retrieval", device, start), "data": str(args.data), **metrics}
     summary = [
@@ -232,15 +220,7 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     feats = {}
     for name, ds in (("train", train), ("test", test)):
         feats[name] = encode_images(
-            model.encode_image,
-            ds.sources,
-            preprocess,
-            args.batch_size,
-            args.workers,
-            device,
-            args.precision,
-            not args.no_progress,
-            desc=f"{name} images",
+            model.encode_image, ds.sources, preprocess, encode_options(args, device), desc=f"{name} images"
         )
     labels = {
         name: torch.tensor(ds.labels)[feats[name].index] for name, ds in (("train", train), ("test", test))

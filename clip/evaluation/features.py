@@ -15,6 +15,29 @@ from clip.runtime import PRECISIONS, autocast  # noqa: F401  (re-exported: the e
 MAX_LISTED_FAILURES = 20  # unreadable images named in results; all of them are counted
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How the evaluators run a model: images (and texts) per batch, decoding workers, device, autocast
+    precision (`clip.runtime.PRECISIONS`), progress bars.  One object instead of five positional arguments."""
+
+    batch_size: int = 64
+    workers: int = 0
+    device: str | torch.device = "cpu"
+    precision: str = "fp32"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError(
+                f"batch size must be >= 1 and workers >= 0, got {self.batch_size}, {self.workers}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+
+
+DEFAULT_OPTIONS = EncodeOptions()  # frozen: safe as a default argument
+
+
 @dataclass
 class EncodedImages:
     """Features of the readable images: `features[k]` belongs to source `index[k]`; `failed` lists the rest."""
@@ -56,11 +79,7 @@ def encode_images(
     encode: Callable[[torch.Tensor], torch.Tensor],
     sources: Sequence[ImageSource],
     transform: Callable[[Any], torch.Tensor],
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    progress: bool = True,
+    options: EncodeOptions = DEFAULT_OPTIONS,
     desc: str = "images",
 ) -> EncodedImages:
     """Decode, transform and encode `sources` in batches; unreadable images are skipped and recorded.
@@ -70,17 +89,16 @@ def encode_images(
     """
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    o = options
     feats: list[torch.Tensor] = []
     index: list[torch.Tensor] = []
     failed: list[tuple[int, str]] = []
-    with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for batch in _batches(sources, transform, batch_size, workers):
+    with tqdm(total=len(sources), desc=desc, unit="img", disable=not o.progress, leave=False) as bar:
+        for batch in _batches(sources, transform, o.batch_size, o.workers):
             failed += batch["failed"]
             if batch["images"] is not None:
-                with autocast(device, precision):
-                    out = encode(batch["images"].to(device, non_blocking=True))
+                with autocast(o.device, o.precision):
+                    out = encode(batch["images"].to(o.device, non_blocking=True))
                 feats.append(F.normalize(out.float(), dim=-1).cpu())
                 index.append(batch["index"])
             bar.update(len(batch["index"]) + len(batch["failed"]))
@@ -94,21 +112,18 @@ def encode_images(
 def encode_texts(
     encode: Callable[[torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    progress: bool = True,
+    options: EncodeOptions = EncodeOptions(batch_size=256),
     desc: str = "texts",
 ) -> torch.Tensor:
-    """Encode token ids [N, L] in batches -> unit-norm float32 features [N, D] on the CPU."""
+    """Encode token ids [N, L] in batches of `options.batch_size` -> unit-norm float32 features [N, D] on the CPU."""
     from tqdm import tqdm
 
-    out = []
+    o, out = options, []
     for start in tqdm(
-        range(0, len(tokens), batch_size), desc=desc, unit="batch", disable=not progress, leave=False
+        range(0, len(tokens), o.batch_size), desc=desc, unit="batch", disable=not o.progress, leave=False
     ):
-        with autocast(device, precision):
-            feats = encode(tokens[start : start + batch_size].to(device))
+        with autocast(o.device, o.precision):
+            feats = encode(tokens[start : start + o.batch_size].to(o.device))
         out.append(F.normalize(feats.float(), dim=-1).cpu())
     if not out:
         raise ValueError("no texts to encode")

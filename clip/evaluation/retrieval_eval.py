@@ -9,11 +9,17 @@ import torch
 
 from clip.evaluation import metrics
 from clip.evaluation.datasets import ImageCaptions
-from clip.evaluation.features import describe_failures, encode_images, encode_texts
+from clip.evaluation.features import (
+    DEFAULT_OPTIONS,
+    EncodeOptions,
+    describe_failures,
+    encode_images,
+    encode_texts,
+)
 
 
 @torch.no_grad()
-def evaluate_retrieval(
+def score_retrieval(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     caption_image: torch.Tensor,
@@ -42,34 +48,28 @@ def evaluate_retrieval(
     return metrics.retrieval_metrics(torch.cat(i2t), torch.cat(t2i), ks)
 
 
-def retrieval_evaluate(
+def evaluate_retrieval(
     encode_image: Callable[[torch.Tensor], torch.Tensor],
     encode_text: Callable[[torch.Tensor], torch.Tensor],
     tokenize: Callable[[list[str]], torch.Tensor],
     pairs: ImageCaptions,
     transform: Callable[[Any], torch.Tensor],
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    progress: bool = True,
+    options: EncodeOptions = DEFAULT_OPTIONS,
 ) -> dict[str, Any]:
     """Encode the pairs' images and captions and score retrieval.
 
     Captions of unreadable images are dropped with them (their count is in the result as n_skipped).
     Returns the metrics plus n_images, n_captions, n_skipped and `skipped` (the first unreadable images).
     """
-    enc = encode_images(
-        encode_image, pairs.paths, transform, batch_size, workers, device, precision, progress
-    )
+    enc = encode_images(encode_image, pairs.paths, transform, options)
     # Re-index: image k of the readable set is source enc.index[k]; drop captions of skipped images.
     new_index = torch.full((len(pairs.paths),), -1, dtype=torch.long)
     new_index[enc.index] = torch.arange(len(enc.index))
     caption_image = new_index[torch.tensor(pairs.caption_image, dtype=torch.long)]
     keep = caption_image >= 0
     captions = [c for c, k in zip(pairs.captions, keep.tolist()) if k]
-    text_features = encode_texts(encode_text, tokenize(captions), batch_size, device, precision, progress)
-    result: dict[str, Any] = evaluate_retrieval(enc.features, text_features, caption_image[keep])
+    text_features = encode_texts(encode_text, tokenize(captions), options)
+    result: dict[str, Any] = score_retrieval(enc.features, text_features, caption_image[keep])
     result.update(n_images=len(enc.index), n_captions=len(captions), n_skipped=enc.n_skipped)
     result["skipped"] = describe_failures(pairs.paths, enc.failed)
     return result

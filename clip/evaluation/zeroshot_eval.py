@@ -10,7 +10,7 @@ import torch
 
 from clip.evaluation import metrics
 from clip.evaluation.datasets import LabeledImages
-from clip.evaluation.features import encode_images
+from clip.evaluation.features import DEFAULT_OPTIONS, EncodeOptions, encode_images
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ZeroShotResult:
         }
 
 
-def evaluate_zeroshot(
+def score_zeroshot(
     image_features: torch.Tensor,
     labels: torch.Tensor,
     classifier: torch.Tensor,
@@ -67,16 +67,12 @@ def evaluate_zeroshot(
     )
 
 
-def zeroshot_evaluate(
+def evaluate_zeroshot(
     encode_image: Callable[[torch.Tensor], torch.Tensor],
     dataset: LabeledImages,
     classifier: torch.Tensor,
     transform: Callable[[Any], torch.Tensor],
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    progress: bool = True,
+    options: EncodeOptions = DEFAULT_OPTIONS,
 ) -> ZeroShotResult:
     """Encode `dataset`'s images with `encode_image` (batched, unreadable ones skipped) and score them.
 
@@ -84,16 +80,6 @@ def zeroshot_evaluate(
     """
     if classifier.shape[1] != len(dataset.classnames):
         raise ValueError(f"classifier has {classifier.shape[1]} classes, data set {len(dataset.classnames)}")
-    enc = encode_images(
-        encode_image,
-        dataset.sources,
-        transform,
-        batch_size,
-        workers,
-        device,
-        precision,
-        progress,
-        "zero-shot",
-    )
+    enc = encode_images(encode_image, dataset.sources, transform, options, "zero-shot")
     labels = torch.tensor(dataset.labels, dtype=torch.long)[enc.index]
-    return evaluate_zeroshot(enc.features, labels, classifier, failed=enc.failed)
+    return score_zeroshot(enc.features, labels, classifier, failed=enc.failed)
