@@ -21,6 +21,7 @@ tokenizers), OpenAI's BPE for every other model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,3 +116,44 @@ def zero_shot_probabilities(
         return torch.sigmoid(scale * cos + model.logit_bias.detach().float().to(cos.device))
     scale = model.logit_scale.detach().exp().clamp(max=100.0) if hasattr(model, "logit_scale") else 100.0
     return (float(scale) * cos).softmax(dim=-1)
+
+
+def classify_images(
+    model: nn.Module, preprocess: Callable[[Any], torch.Tensor], images: Sequence[str], labels: Sequence[str],
+    templates: Sequence[str] = ("{}",), top: int = 5, options: Any = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Zero-shot classify image files against `labels` (prompt-ensembled over `templates`).
+
+    Returns {"labels", "n_templates", "results": [{"image", "predictions": [{"label", "probability"}]}],
+    "n_skipped", "skipped"}; unreadable images are skipped and listed.  Probabilities are softmaxes over
+    the labels, or per-label sigmoids for SigLIP models (`zero_shot_probabilities`).
+    """
+    from clip.evaluation.features import DEFAULT_OPTIONS, describe_failures, encode_images
+    from clip.runtime import autocast
+
+    options = options or DEFAULT_OPTIONS
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    with autocast(options.device, options.precision):
+        classifier = zero_shot_classifier(
+            model, list(labels), list(templates), device=options.device
+        )  # [D, K]
+    enc = encode_images(model.encode_image, list(images), preprocess, options)
+    probs = zero_shot_probabilities(model, enc.features, classifier.cpu())  # [N_ok, K]
+    best = probs.topk(min(top, len(labels)), dim=-1)
+    results = [
+        {
+            "image": images[int(i)],
+            "predictions": [
+                {"label": labels[int(j)], "probability": round(float(p), 6)} for p, j in zip(values, indices)
+            ],
+        }
+        for i, values, indices in zip(enc.index, best.values, best.indices)
+    ]
+    return {
+        "labels": list(labels),
+        "n_templates": len(templates),
+        "results": results,
+        "n_skipped": enc.n_skipped,
+        "skipped": describe_failures(list(images), enc.failed, limit=len(enc.failed)),
+    }

@@ -133,3 +133,25 @@ def test_resolve_templates(tmp_path):
     f.write_text("no placeholder here\n")
     with pytest.raises(ValueError, match="has no"):
         prompt_data.resolve_templates(str(f))
+
+
+def test_classify_images_is_a_typed_library_call(tmp_path, tiny_model):
+    """`clip classify`'s core takes typed arguments: model, preprocess, paths, labels, templates, top, options."""
+    from PIL import Image
+
+    from clip.evaluation.features import EncodeOptions
+    from clip.preprocess import image_transform
+    from clip.zeroshot import classify_images
+
+    paths = []
+    for i, colour in enumerate([(250, 0, 0), (0, 0, 250)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (40, 36), colour).save(paths[-1])
+    (tmp_path / "bad.png").write_text("not an image")
+    out = classify_images(tiny_model, image_transform(32), [*paths, str(tmp_path / "bad.png")],
+                          ["a red square", "a blue square", "a cat"], ["a photo of {}."], top=2,
+                          options=EncodeOptions(progress=False))  # fmt: skip
+    assert [r["image"] for r in out["results"]] == paths and out["n_skipped"] == 1
+    assert all(len(r["predictions"]) == 2 for r in out["results"]) and out["n_templates"] == 1
+    probs = [p["probability"] for p in out["results"][0]["predictions"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
 
 from clip.commands.common import CLIError, add_model_args, encode_options, load_model
 from clip.commands.output import print_line
@@ -52,44 +51,18 @@ def _labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
-def classify_images(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the classification; returns {'results': [...], 'skipped': [...], 'labels': [...], ...}."""
+def run(args: argparse.Namespace) -> int:
     from clip.data.templates import resolve_templates
-    from clip.evaluation.features import autocast, describe_failures, encode_images
-    from clip.zeroshot import zero_shot_classifier, zero_shot_probabilities
+    from clip.zeroshot import classify_images
 
+    start = time.perf_counter()
     labels = _labels(args)
     templates = resolve_templates(args.templates, default=["{}"])
     if args.top < 1:
         raise CLIError("--top must be >= 1")
     model, preprocess, device = load_model(args)
-    with autocast(device, args.precision):
-        classifier = zero_shot_classifier(model, labels, templates, device=device)  # [D, K]
-    enc = encode_images(model.encode_image, args.images, preprocess, encode_options(args, device))
-    probs = zero_shot_probabilities(model, enc.features, classifier.cpu())  # [N_ok, K]
-    top = probs.topk(min(args.top, len(labels)), dim=-1)
-    results = [
-        {
-            "image": args.images[int(i)],
-            "predictions": [
-                {"label": labels[int(j)], "probability": round(float(p), 6)} for p, j in zip(values, indices)
-            ],
-        }
-        for i, values, indices in zip(enc.index, top.values, top.indices)
-    ]
-    return {
-        "model": args.model,
-        "labels": labels,
-        "n_templates": len(templates),
-        "results": results,
-        "n_skipped": enc.n_skipped,
-        "skipped": describe_failures(args.images, enc.failed, limit=len(enc.failed)),
-    }
-
-
-def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    out = classify_images(args)
+    out = {"model": args.model, **classify_images(model, preprocess, args.images, labels, templates, args.top,
+                                                  encode_options(args, device))}  # fmt: skip
     if args.json:
         out["seconds"] = round(time.perf_counter() - start, 3)
         print_line(json.dumps(out, indent=2))  # ASCII: non-UTF-8 names are escaped
