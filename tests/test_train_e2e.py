@@ -139,7 +139,7 @@ def _initial_weights() -> dict[str, torch.Tensor]:
 KILL_AFTER_STEP_4 = textwrap.dedent(
     """
     import os, signal, sys
-    from clip.train.metrics import RunLog
+    from clip.train.runlog import RunLog
     write = RunLog.add
     def add(self, record):
         write(self, record)

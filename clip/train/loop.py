@@ -45,7 +45,7 @@ from clip.train.distributed import (
     shutdown,
     wrap_ddp,
 )
-from clip.train.metrics import CURVES_FILE, RunLog, read_metrics
+from clip.train.runlog import CURVES_FILE, RunLog, read_metrics
 from clip.train.optim import (
     CosineSchedule,
     adam_hparams,
