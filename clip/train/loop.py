@@ -45,7 +45,6 @@ from clip.train.distributed import (
     shutdown,
     wrap_ddp,
 )
-from clip.train.runlog import CURVES_FILE, RunLog, read_metrics
 from clip.train.optim import (
     CosineSchedule,
     adam_hparams,
@@ -56,6 +55,7 @@ from clip.train.optim import (
     resolve_precision,
     set_lr,
 )
+from clip.train.runlog import CURVES_FILE, RunLog, read_metrics
 from clip.train.step import ContrastiveModel, StepContext, forward_backward
 from clip.train.validate import validate
 
