@@ -18,10 +18,8 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from clip.data import emoji
+from clip.io import atomic_path
 
 PACKAGES: dict[str, tuple[str, str]] = {
     "google": ("emoji-datasource-google", "16.0.0"),
@@ -189,15 +188,8 @@ def render_style(
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> int:
     """Write a compressed .npz atomically; returns its size in bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be readable like the package
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # the package's one atomic writer (umask-aware mode)
+        np.savez_compressed(f, **arrays)
     return path.stat().st_size
 
 
