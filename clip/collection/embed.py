@@ -126,12 +126,9 @@ class _Builder:
         self.meta.append((sample.key, sample.path, self.tar, out.caption, out.width, out.height, sample.row,
                           sample.frame_time, sample.video))  # fmt: skip
 
-    def take(self, context_length: int | None, chunk_end: bool = False) -> Piece:
-        from clip.tokenizer import tokenize
-
-        tokens = None
-        if context_length is not None and self.captions:
-            tokens = tokenize(self.captions, context_length=context_length, truncate=True)
+    def take(self, tokenizer: Any, chunk_end: bool = False) -> Piece:
+        """The batch so far; captions become ids with the model's `tokenizer` (None: no text embeddings)."""
+        tokens = tokenizer(self.captions) if tokenizer is not None and self.captions else None
         pixels = torch.stack(self.pixels) if self.pixels else None
         piece = Piece(self.unit, self.chunk, pixels, tokens, self.meta, self.errors, self.rows, chunk_end)
         self._reset()
@@ -142,11 +139,13 @@ class UnitStream(torch.utils.data.IterableDataset):
     """Pieces of `units` (this rank's share), split over DataLoader workers; completed chunks are not decoded."""
 
     def __init__(self, collection: Collection, units: list[Unit], done: frozenset[tuple[int, int]],
-                 preprocess: Any, shard_size: int, batch_size: int, context_length: int | None) -> None:  # fmt: skip
+                 preprocess: Any, shard_size: int, batch_size: int, tokenizer: Any) -> None:  # fmt: skip
         super().__init__()
         self.collection, self.units, self.done = collection, units, done
         self.preprocess, self.shard_size, self.batch_size = preprocess, shard_size, batch_size
-        self.context_length = context_length
+        self.tokenizer = (
+            tokenizer  # the model's own (`clip.get_tokenizer`), pickled to workers; None: no text
+        )
 
     def __iter__(self) -> Iterator[Piece]:
         info = torch.utils.data.get_worker_info()
@@ -161,16 +160,16 @@ class UnitStream(torch.utils.data.IterableDataset):
             chunk = i // self.shard_size
             if chunk != builder.chunk:
                 if builder.active:
-                    yield builder.take(self.context_length, chunk_end=True)
+                    yield builder.take(self.tokenizer, chunk_end=True)
                 builder = _Builder(unit.index, chunk, unit.tar)
             chunks = chunk + 1
             if (unit.index, chunk) in self.done:
                 continue  # finished by an earlier run: its samples are read past, not decoded
             builder.add(sample, self.preprocess)
             if len(builder.pixels) >= self.batch_size:
-                yield builder.take(self.context_length)
+                yield builder.take(self.tokenizer)
         if builder.active:
-            yield builder.take(self.context_length, chunk_end=True)
+            yield builder.take(self.tokenizer, chunk_end=True)
         yield Piece(unit.index, chunks, unit_chunks=chunks)
 
 
@@ -352,6 +351,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     from tqdm import tqdm
 
     from clip.collection.sources import open_collection
+    from clip.loading import get_tokenizer
     from clip.train.distributed import barrier, gather_objects, init_from_env, shutdown
 
     require_pyarrow("clip embed's Parquet metadata files")
@@ -371,7 +371,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
             if u.index not in done.units
         ]
         stream = UnitStream(collection, units, done.chunks, preprocess, cfg.shard_size, cfg.batch_size,
-                            model.context_length if cfg.text else None)  # fmt: skip
+                            get_tokenizer(reference) if cfg.text else None)  # fmt: skip
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
             prefetch_factor=4 if cfg.workers > 0 else None,

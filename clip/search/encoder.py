@@ -113,11 +113,11 @@ class Encoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> unit vectors float32 [N, D]; texts longer than the context are truncated."""
-        from clip.tokenizer import tokenize
+        from clip.loading import get_tokenizer
 
         if not texts:
             return torch.empty(0, self.embed_dim)
-        tokens = tokenize(list(texts), context_length=self.model.context_length, truncate=True)
+        tokens = get_tokenizer(self.model)(list(texts))  # the model's own (SigLIP, CLIPA, ...), truncating
         feats = self.model.encode_text(tokens.to(self.device))
         return F.normalize(feats.float(), dim=-1).cpu()
 
