@@ -99,7 +99,7 @@ def plain_loop(ckpt: str, paths: list[str]) -> float:
 
 def bench_index(args: argparse.Namespace) -> None:
     from clip.config import get_config
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
     from clip.model import CLIP
     from clip.search.index import Index
 
@@ -107,7 +107,7 @@ def bench_index(args: argparse.Namespace) -> None:
         tmp = Path(tmp)
         torch.manual_seed(0)
         ckpt = str(tmp / "model.pt")
-        save_checkpoint(CLIP(get_config(args.model)).eval(), ckpt)
+        save_model(CLIP(get_config(args.model)).eval(), ckpt)
         t0 = time.perf_counter()
         paths = write_photos(tmp / "photos", args.images)
         print(f"wrote {len(paths)} photos in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -269,7 +269,7 @@ def load(
     return model, preprocess_for(cfg)
 
 
-def save_checkpoint(model: CLIP, path: str | os.PathLike) -> None:
+def save_model(model: CLIP, path: str | os.PathLike) -> None:
     """Save weights + config: `.safetensors` (config in the metadata) or a torch pickle, atomically."""
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -34,8 +34,8 @@ def tiny_model():
 @pytest.fixture
 def tiny_checkpoint(tmp_path, tiny_model):
     """A tiny model saved in this project's checkpoint format; returns its path."""
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     path = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_model, path)
+    save_model(tiny_model, path)
     return path

@@ -21,13 +21,13 @@ CAPTIONS = ["a cat", "a photo of a small dog on the grass", " ".join(["a red car
 def exported(tmp_path_factory):
     """The tiny model (32 px, 32 text positions) exported once through the command line."""
     from clip.config import get_config
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
     from clip.model import CLIP
 
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     model = CLIP(get_config("ViT-Tiny/8@32px")).eval()
-    save_checkpoint(model, root / "tiny.pt")
+    save_model(model, root / "tiny.pt")
     import contextlib
     import io
 

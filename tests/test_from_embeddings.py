@@ -121,11 +121,11 @@ def test_captions_text_to_text_and_image_to_caption(tmp_path, job, tiny_checkpoi
 
 def test_wrong_model_is_refused(tmp_path, job):
     from clip.config import get_config
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
     from clip.model import CLIP
 
     torch.manual_seed(1)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp_path / "other.pt")
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp_path / "other.pt")
     with pytest.raises(ModelMismatchError, match="does not reproduce the embeddings"):
         build_from_embeddings(job[1], tmp_path / "idx", model=str(tmp_path / "other.pt"), log=lambda s: None)
     assert not (tmp_path / "idx" / "collection.json").exists()

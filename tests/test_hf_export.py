@@ -21,13 +21,13 @@ from clip.preprocess import to_tensor_normalized
 def hf_dir(tmp_path_factory):
     """The tiny model (32 px, 32 text positions) converted through the command line."""
     from clip.config import get_config
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
     from clip.model import CLIP
 
     root = tmp_path_factory.mktemp("hfexport")
     torch.manual_seed(0)
     model = CLIP(get_config("ViT-Tiny/8@32px")).eval()
-    save_checkpoint(model, root / "tiny.pt")
+    save_model(model, root / "tiny.pt")
     assert main(["convert", str(root / "tiny.pt"), str(root / "hf"), "--to", "hf"]) == 0
     return model, root / "hf"
 

@@ -125,8 +125,8 @@ def test_image_size_errors_name_the_fix(hf_pair, tmp_path):
     with pytest.raises(ValueError, match="not a multiple of patch_size 16"):
         clip.load(str(folder), device="cpu", image_size=330)
     rn = clip.CLIP(clip.get_config("RN-Tiny@32px"))
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
-    save_checkpoint(rn, tmp_path / "rn.pt")
+    save_model(rn, tmp_path / "rn.pt")
     with pytest.raises(ValueError, match="ViT models only"):
         clip.load(str(tmp_path / "rn.pt"), device="cpu", image_size=64)

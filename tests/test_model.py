@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import clip
 from clip.cli import main as cli_main
 from clip.config import CLIPConfig, get_config, registry
-from clip.loading import read_checkpoint, save_checkpoint
+from clip.loading import read_checkpoint, save_model
 from clip.model import CLIP, Attention, LayerNorm
 
 SMALL = [name for name, cfg in registry().items() if cfg.vision.image_size <= 64]
@@ -170,7 +170,7 @@ def test_truncated_and_foreign_files_are_named(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match="notes.bin"):
         clip.load(str(text), device="cpu")
     st = tmp_path / "m.safetensors"
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")), st)
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")), st)
     st.write_bytes(st.read_bytes()[:-100])
     with pytest.raises(ValueError, match="m.safetensors"):
         clip.load(str(st), device="cpu")

@@ -11,7 +11,7 @@ import transformers
 
 import clip
 from clip.config import registry
-from clip.loading import read_checkpoint, save_checkpoint, save_hf_folder
+from clip.loading import read_checkpoint, save_hf_folder, save_model
 
 OPEN_CLIP_NAMES = {
     "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
@@ -136,7 +136,7 @@ def test_resnet_to_hf_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_own_checkpoint_round_trip(tmp_path, tiny_model, suffix):
     path = tmp_path / f"m{suffix}"
-    save_checkpoint(tiny_model, path)
+    save_model(tiny_model, path)
     cfg, sd = read_checkpoint(path)
     assert cfg == tiny_model.config
     for k, v in tiny_model.state_dict().items():

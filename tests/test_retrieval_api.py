@@ -60,12 +60,12 @@ def save_png(path: Path, seed: int) -> None:
 def served(tmp_path_factory):
     """A folder index of 10 images (two of them identical) served by uvicorn on 127.0.0.1."""
     from clip.config import get_config
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
     from clip.model import CLIP
 
     tmp = tmp_path_factory.mktemp("knn")
     torch.manual_seed(0)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
     photos = tmp / "photos"
     photos.mkdir()
     for i in range(9):

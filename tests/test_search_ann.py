@@ -63,10 +63,10 @@ def images(folder, n, seed):
 
 @pytest.fixture
 def small_index(tmp_path, monkeypatch):
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     torch.manual_seed(0)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp_path / "tiny.pt")
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp_path / "tiny.pt")
     paths = images(tmp_path / "photos", 40, seed=0)
     idx = Index.open(tmp_path / "idx", model=str(tmp_path / "tiny.pt"))
     idx.add(paths, num_workers=0)

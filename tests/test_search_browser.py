@@ -64,14 +64,14 @@ def draw_images(folder, n):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from clip.config import get_config
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
     from clip.model import CLIP
     from clip.search.index import Index
     from clip.search.server import create_app
 
     tmp = tmp_path_factory.mktemp("browser")
     torch.manual_seed(0)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
     draw_images(tmp / "photos", 30)
     idx = Index.open(tmp / "idx", model=str(tmp / "tiny.pt"))
     idx.sync(tmp / "photos", num_workers=0)

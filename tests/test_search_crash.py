@@ -99,12 +99,12 @@ def idx_encode(model, paths):
 
 
 def test_sigkill_mid_index_then_resume(tmp_path):
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     torch.manual_seed(0)
     model = CLIP(get_config("ViT-Tiny/8@32px")).eval()
     ckpt = tmp_path / "tiny.pt"
-    save_checkpoint(model, ckpt)
+    save_model(model, ckpt)
     paths = make_images(tmp_path / "photos", 80)
     idx_dir = tmp_path / "idx"
     args = [str(idx_dir), str(ckpt), str(tmp_path / "photos")]

@@ -40,10 +40,10 @@ def make_photos(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def write_checkpoint(path: Path, seed: int) -> str:
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     torch.manual_seed(seed)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), path)
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), path)
     return str(path)
 
 

@@ -80,11 +80,11 @@ def peak_rss_mb(pid) -> float:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A `clip serve` process over a small index; yields (port, process, tmp, photos, index path)."""
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     tmp = tmp_path_factory.mktemp("harden")
     torch.manual_seed(0)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
     photos, outside = tmp / "photos", tmp / "outside"
     photos.mkdir()
     outside.mkdir()

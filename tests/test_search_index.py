@@ -38,10 +38,10 @@ def make_images(folder, n, seed=0, size=(40, 32)):
 
 
 def write_checkpoint(path, seed=0):
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     torch.manual_seed(seed)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), path)
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), path)
     return str(path)
 
 

@@ -23,11 +23,11 @@ from clip.search.server import ServerLimits, create_app  # noqa: E402
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     tmp = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
-    save_checkpoint(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
+    save_model(CLIP(get_config("ViT-Tiny/8@32px")).eval(), tmp / "tiny.pt")
     photos = tmp / "photos"
     (photos / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -437,10 +437,10 @@ def _tiny_sigmoid_clip(seed: int = 0) -> CLIP:
 
 def test_zero_shot_probabilities_are_per_label_sigmoids(tmp_path, capsys):
     from clip.cli import main as cli_main
-    from clip.loading import save_checkpoint
+    from clip.loading import save_model
 
     model = _tiny_sigmoid_clip()
-    save_checkpoint(model, tmp_path / "siglip.pt")
+    save_model(model, tmp_path / "siglip.pt")
     rng = np.random.default_rng(3)
     paths = []
     for i, (w, h) in enumerate([(40, 30), (32, 32), (25, 60)]):
