@@ -42,9 +42,17 @@ from urllib.parse import quote
 import numpy as np
 
 from clip.io import atomic_path
+from clip.search.damage import (  # noqa: F401  (re-exported: these are the store's errors)
+    DB_NAME,
+    DamagedIndexError,
+    IndexLockedError,
+    IndexWriteError,
+    ReadOnlyIndexError,
+    database_error,
+    shard_problem,
+)
 
 FORMAT_VERSION = 1
-DB_NAME = "index.sqlite"
 SHARD_DIR = "shards"
 LOCK_NAME = "write.lock"
 THUMB_DIR = "thumbs"
@@ -104,18 +112,6 @@ class Snapshot:
     vectors: np.ndarray
 
 
-class IndexLockedError(RuntimeError):
-    pass
-
-
-class DamagedIndexError(ValueError):
-    """index.sqlite or a shard file is unreadable or not what the database says; the message names the fix."""
-
-
-class ReadOnlyIndexError(RuntimeError):
-    """A write was asked of an index this process cannot write."""
-
-
 def db_path(path: str) -> str | bytes:
     """How `path` is stored: itself when it is valid UTF-8, else the file name's bytes (lossless)."""
     try:
@@ -137,51 +133,6 @@ def _stat_fields(r: FileRecord) -> tuple[int, int, str, int, int]:
 def thumb_name(sha256: str, size: int) -> str:
     """File name of the cached thumbnail of content `sha256` at `size` pixels (in IDX/thumbs)."""
     return f"{sha256}-{size}.jpg"
-
-
-def shard_problem(path: Path, rows: int, dim: int) -> str | None:
-    """Why the shard file `path` cannot be float16 [rows, dim] (missing, truncated, ...), or None if it can.
-
-    Reads only the .npy header and the file size, so checking every shard costs next to nothing.
-    """
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                return f"has unsupported .npy version {version}"
-            offset, size = f.tell(), os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        return "is missing"
-    except (OSError, ValueError, EOFError) as err:
-        return f"is unreadable ({type(err).__name__}: {err})"
-    if dtype != np.float16:
-        return f"holds {dtype}, not float16"
-    if tuple(shape) != (rows, dim) or fortran:
-        return f"has shape {tuple(shape)}, expected ({rows}, {dim})"
-    if size != offset + rows * dim * 2:
-        return f"is truncated ({size} bytes, expected {offset + rows * dim * 2})"
-    return None
-
-
-def _database_error(root: Path, err: sqlite3.Error) -> Exception:
-    """The one-line error for a failing SQLite call: read-only, damaged, or (busy, ...) the error itself."""
-    text = str(err)
-    if "readonly" in text or "read-only" in text:
-        return ReadOnlyIndexError(
-            f"index {str(root)!r} is read-only ({text}): make it writable (chmod -R u+w {root}) "
-            "or index into another folder"
-        )
-    if isinstance(err, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
-        return DamagedIndexError(
-            f"index {str(root)!r} is damaged: {DB_NAME} is not a readable SQLite database ({text}); "
-            f"rebuild it: mv {root / DB_NAME} {root / DB_NAME}.damaged, then "
-            f"`clip index PHOTOS --index {root} --model M`"
-        )
-    return err
 
 
 def _lock_exclusive(fd: int, root: Path) -> None:
@@ -218,7 +169,7 @@ class Store:
         try:
             self._db = self._connect(db)
         except sqlite3.Error as err:
-            raise _database_error(self.root, err) from None
+            raise database_error(self.root, err) from None
         version = self.get_meta("format_version")
         if version is None:
             raise DamagedIndexError(
@@ -279,7 +230,12 @@ class Store:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
-            cur.execute("COMMIT")
+            try:
+                cur.execute("COMMIT")
+            except sqlite3.OperationalError:
+                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may leave the transaction open
+                    cur.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def _read_transaction(self) -> Iterator[sqlite3.Cursor]:
@@ -298,7 +254,7 @@ class Store:
         try:
             yield
         except sqlite3.Error as err:
-            converted = _database_error(self.root, err)
+            converted = database_error(self.root, err)
             if converted is err:
                 raise
             raise converted from None
@@ -520,7 +476,24 @@ class Store:
         """
         if len(vectors) != len(records):
             raise ValueError(f"{len(vectors)} vectors for {len(records)} records")
-        name = self._write_shard(vectors) if records else None
+        name = None
+        try:
+            name = self._write_shard(vectors) if records else None
+            self._record(cur_name=name, records=records, errors=errors, touched=touched)
+        except (OSError, sqlite3.OperationalError) as err:
+            if name is not None:  # written but never recorded: not part of the index
+                (self.root / SHARD_DIR / name).unlink(missing_ok=True)
+            raise IndexWriteError(
+                f"cannot write to index {str(self.root)!r}: {err} (disk full or quota?). This batch was not "
+                "recorded; the index holds every earlier batch. Free space and run clip index again to continue"
+            ) from None
+
+    def _record(
+        self, cur_name: str | None, records: list[FileRecord], errors: Iterable[ErrorRecord],
+        touched: Iterable[tuple[str, int, int]],
+    ) -> None:  # fmt: skip
+        """The SQLite half of `commit`: one transaction recording the shard `cur_name` and its rows."""
+        name = cur_name
         with self._transaction() as cur:
             if name is not None:
                 cur.execute("INSERT INTO shards (name, rows) VALUES (?, ?)", (name, len(records)))
