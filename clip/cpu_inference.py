@@ -136,19 +136,12 @@ class InferenceSelfAttention(nn.Module):
                 "the CPU-optimised attention computes self-attention without weights or padding masks "
                 "(what CLIP's towers call); use the fp32 model for attention maps or cross-attention"
             )
-        x = query
-        if self.batch_first:
-            n, seq, d = x.shape
-            order = (2, 0, 3, 1, 4)  # [N, L, 3, H, hd] -> [3, N, H, L, hd]
-        else:
-            seq, n, d = x.shape
-            order = (2, 1, 3, 0, 4)  # [L, N, 3, H, hd] -> [3, N, H, L, hd]
-        qkv = self.in_proj(x)
-        qkv = qkv.view(*x.shape[:2], 3, self.num_heads, d // self.num_heads).permute(*order)
-        mask = None if is_causal or attn_mask is None else attn_mask.to(qkv.dtype)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=is_causal)
-        out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)  # -> [N|L, L|N, H, hd]
-        return self.out_proj(out.reshape(*x.shape[:2], d)), None
+        from clip.model.layers import sdpa_self_attention
+
+        out = sdpa_self_attention(
+            query, self.in_proj, self.out_proj, self.num_heads, self.batch_first, is_causal, attn_mask
+        )
+        return out, None
 
 
 def _quantize_blocks(model: nn.Module, engine: str) -> int:

@@ -10,6 +10,7 @@ hands every other call (weights wanted, padding masks, arbitrary masks) to PyTor
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,17 +116,26 @@ class Attention(nn.MultiheadAttention):
 
     def _self_attention(self, x: torch.Tensor, is_causal: bool) -> torch.Tensor:
         """x: [L, N, D] ([N, L, D] when batch_first) -> the same layout."""
-        if self.batch_first:
-            n, seq, d = x.shape
-            order = (2, 0, 3, 1, 4)  # [N, L, 3, H, hd] -> [3, N, H, L, hd]
-        else:
-            seq, n, d = x.shape
-            order = (2, 1, 3, 0, 4)  # [L, N, 3, H, hd] -> [3, N, H, L, hd]
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(*x.shape[:2], 3, self.num_heads, d // self.num_heads).permute(*order)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=is_causal)  # [N, H, L, hd]
-        out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
-        return self.out_proj(out.reshape(*x.shape[:2], d))
+        project = lambda t: F.linear(t, self.in_proj_weight, self.in_proj_bias)  # noqa: E731
+        return sdpa_self_attention(x, project, self.out_proj, self.num_heads, self.batch_first, is_causal)
+
+
+def sdpa_self_attention(
+    x: torch.Tensor, in_proj: Callable[[torch.Tensor], torch.Tensor], out_proj: Callable[[torch.Tensor], torch.Tensor],
+    num_heads: int, batch_first: bool, is_causal: bool = False, attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Multi-head self-attention in one `scaled_dot_product_attention` call, as `nn.MultiheadAttention` computes it.
+
+    x: [L, N, D] ([N, L, D] when `batch_first`) -> the same layout.  `in_proj` maps D -> 3D (q, k, v stacked),
+    `out_proj` D -> D; `attn_mask` is an additive float mask (ignored when `is_causal`).
+    """
+    d = x.shape[-1]
+    order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)  # [B0, B1, 3, H, hd] -> [3, N, H, L, hd]
+    qkv = in_proj(x).view(*x.shape[:2], 3, num_heads, d // num_heads).permute(*order)
+    mask = None if is_causal or attn_mask is None else attn_mask.to(qkv.dtype)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=is_causal)
+    out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)  # [N, H, L, hd] -> input layout
+    return out_proj(out.reshape(*x.shape[:2], d))
 
 
 class ResidualAttentionBlock(nn.Module):
