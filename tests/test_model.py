@@ -262,3 +262,16 @@ def test_bad_model_configs_are_one_clear_line(tmp_path):
     small = {"vocab_size": 1000}
     with pytest.raises(ValueError, match="vocab_size 1000"):
         check_vocab_fits_tokenizer(get_config("ViT-Tiny/8@32px").replace(text=small), "x.json")
+
+
+def test_safetensors_with_bad_config_metadata_names_the_file(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    sd = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    save_file(sd, str(path), metadata={"clip_config": "{not json", "format": "pt"})
+    with pytest.raises(ValueError, match=r"m\.safetensors.*not valid JSON"):
+        read_checkpoint(path)
+    save_file(sd, str(path), metadata={"clip_config": '{"vision": {"heads": 0}}', "format": "pt"})
+    with pytest.raises(ValueError, match=r"m\.safetensors.*vision heads"):
+        read_checkpoint(path)
