@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -144,8 +145,12 @@ class InferenceSelfAttention(nn.Module):
         return out, None
 
 
-def _quantize_blocks(model: nn.Module, engine: str) -> int:
-    """Replace the attention and MLP linears of every transformer block with int8 ones; returns how many."""
+def _replace_blocks(
+    model: nn.Module, linear: Callable[[torch.Tensor, torch.Tensor | None], nn.Module],
+    mlp: Callable[[nn.Module], nn.Module | None],
+) -> int:  # fmt: skip
+    """Swap every transformer block's attention projections for `linear(weight, bias)` modules (inside an
+    `InferenceSelfAttention`) and its MLP for `mlp(block.mlp)` when that is not None; returns how many linears."""
     from clip.model.layers import ResidualAttentionBlock
 
     replaced = 0
@@ -154,20 +159,32 @@ def _quantize_blocks(model: nn.Module, engine: str) -> int:
             continue
         attn = block.attn
         if _attention_is_replaceable(attn):
-            in_proj = Int8Linear(attn.in_proj_weight, attn.in_proj_bias, engine)
-            out_proj = Int8Linear.from_linear(attn.out_proj, engine)
+            in_proj = linear(attn.in_proj_weight, attn.in_proj_bias)
+            out_proj = linear(attn.out_proj.weight, attn.out_proj.bias)
             block.attn = InferenceSelfAttention(
                 in_proj, out_proj, attn.num_heads, attn.embed_dim, attn.batch_first
             )
             replaced += 2
-        parts = _folded_mlp(block.mlp)
-        if parts is not None:
-            # One SiLU / GELU kernel between the int8 matmuls (QuickGELU's three elementwise passes cost ~15%).
-            w_fc, b_fc, kind, algorithm, w_proj, b_proj = parts
-            act = nn.SiLU() if kind == "swish" else nn.GELU(approximate=algorithm)
-            block.mlp = _mlp(Int8Linear(w_fc, b_fc, engine), act, Int8Linear(w_proj, b_proj, engine))
+        new_mlp = mlp(block.mlp)
+        if new_mlp is not None:
+            block.mlp = new_mlp
             replaced += 2
     return replaced
+
+
+def _quantize_blocks(model: nn.Module, engine: str) -> int:
+    """Replace the attention and MLP linears of every transformer block with int8 ones; returns how many."""
+
+    def int8_mlp(mlp: nn.Module) -> nn.Module | None:
+        parts = _folded_mlp(mlp)
+        if parts is None:
+            return None
+        # One SiLU / GELU kernel between the int8 matmuls (QuickGELU's three elementwise passes cost ~15%).
+        w_fc, b_fc, kind, algorithm, w_proj, b_proj = parts
+        act = nn.SiLU() if kind == "swish" else nn.GELU(approximate=algorithm)
+        return _mlp(Int8Linear(w_fc, b_fc, engine), act, Int8Linear(w_proj, b_proj, engine))
+
+    return _replace_blocks(model, lambda w, b: Int8Linear(w, b, engine), int8_mlp)
 
 
 # ------------------------------------------------------------------------------------ fp32 / bf16 parts
@@ -257,25 +274,7 @@ def _fused_mlp(mlp: nn.Module) -> nn.Module | None:
 
 def _onednn_blocks(model: nn.Module) -> int:
     """Run every transformer block's linears through OneDNNLinear (fused MLP activation); returns how many."""
-    from clip.model.layers import ResidualAttentionBlock
-
-    replaced = 0
-    for block in model.modules():
-        if not isinstance(block, ResidualAttentionBlock):
-            continue
-        attn = block.attn
-        if _attention_is_replaceable(attn):
-            in_proj = OneDNNLinear(attn.in_proj_weight, attn.in_proj_bias)
-            out_proj = OneDNNLinear(attn.out_proj.weight, attn.out_proj.bias)
-            block.attn = InferenceSelfAttention(
-                in_proj, out_proj, attn.num_heads, attn.embed_dim, attn.batch_first
-            )
-            replaced += 2
-        mlp = _fused_mlp(block.mlp)
-        if mlp is not None:
-            block.mlp = mlp
-            replaced += 2
-    return replaced
+    return _replace_blocks(model, OneDNNLinear, _fused_mlp)
 
 
 # ------------------------------------------------------------------------------------------ bf16 parts
