@@ -151,7 +151,7 @@ class CLIP(nn.Module):
         last = int(index.max()) + 1
         return text[:, : min(text.shape[1], -(-last // multiple) * multiple)]
 
-    def _cut(self, text: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    def _cut(self, text: torch.Tensor) -> torch.Tensor:
         """Drop the positions after the last pooled token where they cannot change the features.
 
         Attention is causal and pooling reads one position, so later positions are dead weight: on
@@ -159,16 +159,14 @@ class CLIP(nn.Module):
         kept, since finding the cut needs a host sync.  Not while tracing or compiling (a traced cut
         would be frozen to the example's length), nor when a block's mask was changed by the caller.
         """
-        if index is None or not self.config.text.cut_after_eot or text.device.type != "cpu":
+        if text.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return text
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or not self.transformer.is_causal:
-            return text
-        return self.trim_text(text)
+        return self.trim_text(text)  # itself a no-op where the cut would not be exact
 
     def text_tokens(self, text: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """token ids [N, L] -> the text transformer's input [N, L', D] (embeddings + positions)."""
         if cut:
-            text = self._cut(text, self._pool_index(text))
+            text = self._cut(text)
         length = text.shape[1]
         return self.token_embedding(text).to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
 
