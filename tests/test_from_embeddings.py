@@ -208,6 +208,34 @@ def test_budget_picks_pq_and_search_keeps_recall(tmp_path, tiny_model, monkeypat
     assert approx[0][0].path == "/nowhere/data.tar#00000005" and idx.file_info(approx[0][0].path) is None
 
 
+def test_many_lists_use_an_hnsw_quantiser_with_the_same_recall(tmp_path, monkeypatch):
+    """From HNSW_MIN_LISTS lists on, lists are found by an HNSW graph (fast adds at 10^7); recall still holds,
+    the graph searches at least 2 x nprobe candidates, and a saved index loads back with it."""
+    import faiss
+
+    from clip.search import ivf
+    from clip.search.vectors import ShardedVectors
+
+    x = fake_job(tmp_path / "emb", 8_000, 32, 8_000)
+    vectors = ShardedVectors(sorted((tmp_path / "emb").rglob("*.npy")), 32)
+    found = {}
+    for threshold in (10**9, 64):  # flat, then HNSW, at the same 256 lists
+        monkeypatch.setattr(ivf, "HNSW_MIN_LISTS", threshold)
+        index, info = ivf.build_ivf(vectors, CodeSpec("SQ8", 32), nlist=256)
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index.index).quantizer)
+        assert isinstance(quantizer, faiss.IndexHNSW) == (threshold == 64)
+        assert info["recall"] >= 0.95
+        found[threshold] = index.topk(vectors, torch.from_numpy(x[:20].astype(np.float32)), 10)
+    assert quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert quantizer.hnsw.efSearch == max(ivf.HNSW_MIN_EF, 2 * info["nprobe"])
+    same = [len(set(a[0]) & set(b[0])) for a, b in zip(found[10**9], found[64], strict=True)]
+    assert sum(same) >= 0.95 * 200
+    index.save(tmp_path / "i.faiss")
+    back = ivf.IvfIndex.load(tmp_path / "i.faiss", nprobe=5, candidates_factor=1)
+    graph = faiss.downcast_index(faiss.extract_index_ivf(back.index).quantizer)
+    assert isinstance(graph, faiss.IndexHNSW) and graph.hnsw.efSearch == ivf.HNSW_MIN_EF
+
+
 MMAP_PROBE = textwrap.dedent("""
     import sys
     import torch
