@@ -314,13 +314,13 @@ def bench_large(args: argparse.Namespace) -> None:
     del ivf
     index = EmbeddingsIndex(idx_dir, manifest, encoder, "cpu")
     queries = torch.from_numpy(random_vectors(args.queries, args.dim, "clustered", seed=1, clusters=clusters))
-    t0 = time.perf_counter()
-    truth = search_exact_sharded(index.vectors, queries, 10)
-    exact_batch_ms = (time.perf_counter() - t0) * 1000
-    deadline = time.monotonic() + args.wait_for_load
+    deadline = time.monotonic() + args.wait_for_load  # the exact scan and the queries are timed
     while os.getloadavg()[0] >= args.max_load and time.monotonic() < deadline:
         time.sleep(30)
     load_before = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    truth = search_exact_sharded(index.vectors, queries, 10)
+    exact_batch_ms = (time.perf_counter() - t0) * 1000
     index.search_vectors(queries[:1], k=10)  # loads the IVF index
     mem_loaded = _memory()
     ms, found = [], []
