@@ -16,15 +16,9 @@ from fractions import Fraction
 
 from PIL import Image
 
-# Container extensions read as video (PyAV / FFmpeg demuxers). MPEG-TS (.ts) is left out: it is also TypeScript.
-VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv"}
-)
+from clip.files import VIDEO_EXTENSIONS, is_video_name  # noqa: F401  (the one definition; re-exported)
+
 AV_EXTRA = "pip install 'clipforge[embed]'"
-
-
-def is_video_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
 def walk_videos(root: str) -> list[str]:

@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
@@ -31,14 +30,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clip.collection.video import VideoOptions
+from clip.files import is_video_name
 from clip.search import ann as ann_mod
-from clip.search.ann import TUNING_SUBJECTS
 from clip.search.embindex import is_embeddings_index
 from clip.search.encoder import Encoder, as_encoder
+from clip.search.hits import Hit
+from clip.search.index_ann import AnnSearch, _Loaded
 from clip.search.report import IndexReport
 from clip.search.scan import Job, default_workers, make_loader, relative_to, resolve_paths, scan_images
-from clip.search.store import DB_NAME, SHARD_TARGET_ROWS, THUMB_DIR, FileRecord, Snapshot, Store
-from clip.search.topk import rank, search_exact
+from clip.search.store import DB_NAME, SHARD_TARGET_ROWS, THUMB_DIR, FileRecord, Store
+from clip.search.topk import search_exact
 
 # Above this many vectors an exact scan costs more than ~25 ms per query on a 2-core CPU (see docs/search.md),
 # so `clip index` builds an approximate index and searches use it.
@@ -51,36 +53,7 @@ class ModelMismatchError(ValueError):
     """The model given is not the one whose embeddings the index holds."""
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One result: the file's path (or `TAR#KEY` for a WebDataset sample), its cosine similarity, and the
-    index's id of the vector (`vec_id` for a folder index, the row for one built from embeddings: the `id`
-    of clip-retrieval's API); `caption` where the index holds captions."""
-
-    path: str
-    score: float
-    id: int | None = field(default=None, compare=False)
-    caption: str | None = field(default=None, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {"path": self.path, "score": round(self.score, 6)}
-        if self.caption is not None:
-            d["caption"] = self.caption
-        return d
-
-
-@dataclass
-class _Loaded:
-    """A snapshot with the derived structures searches need."""
-
-    snap: Snapshot
-    vectors: torch.Tensor  # float16 [N, D], shares memory with snap.vectors
-    row_of: Any = None  # vec_id -> row, built when the ANN is used
-    ann: ann_mod.AnnIndex | None = None
-    ann_info: dict | None = None
-
-
-class Index:
+class Index(AnnSearch):
     """An image index on disk.  Use `Index.open`; safe to share between threads (searches are serialised).
 
     `Index.open` on a folder made by `clip index --from-embeddings` returns an `EmbeddingsIndex`
@@ -211,10 +184,13 @@ class Index:
         return out
 
     def metadata(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
-        """{"path", "width", "height"} of the files holding the vectors `ids` (`Hit.id`), None where gone."""
+        """{"path", "width", "height"} of the files holding the vectors `ids` (`Hit.id`), None where gone;
+        a video frame's also has "time" (seconds)."""
         found = self._store.records_by_vec_id([int(i) for i in ids])
         return [
-            {"path": r.path, "width": r.width, "height": r.height} if (r := found.get(int(i))) else None
+            {"path": r.path, "width": r.width, "height": r.height, **({"time": r.time} if r.is_video else {})}
+            if (r := found.get(int(i)))
+            else None
             for i in ids
         ]
 
@@ -248,12 +224,20 @@ class Index:
         num_workers: int | None = None,
         progress: bool = False,
         commit_seconds: float = 2.0,
+        video: VideoOptions | None = None,
     ) -> IndexReport:
-        """Embed the image files `paths` that are new or changed; unreadable ones are recorded as errors."""
+        """Embed the image and video files `paths` that are new or changed; unreadable ones are recorded as
+        errors.  video: how videos are sampled (default: a frame a second; `clip.search.videos`)."""
+        from clip.search.videos import av_available, missing_av_note, split_videos
+
         paths = resolve_paths(paths)
+        images, videos = split_videos(paths)
         with self._writing() as report:
+            if videos and not av_available():
+                paths = images
+                report.notes.append(missing_av_note(len(videos)))
             self._add_roots(os.path.dirname(p) for p in paths)
-            return self._update(report, paths, [], batch_size, num_workers, progress, commit_seconds)
+            return self._update(report, paths, [], batch_size, num_workers, progress, commit_seconds, video)
 
     def sync(
         self,
@@ -263,18 +247,27 @@ class Index:
         num_workers: int | None = None,
         progress: bool = False,
         commit_seconds: float = 2.0,
+        video: VideoOptions | None = None,
     ) -> IndexReport:
-        """Make the index match the images under `folder`: embed new and changed files, drop deleted ones.
+        """Make the index match the images and videos under `folder`: embed new and changed files, drop
+        deleted ones.  video: how videos are sampled (default: a frame a second; `clip.search.videos`).
 
         Files indexed from other folders are left alone, and so are the indexed files of a folder that
-        cannot be listed now (it is reported in `unreadable_folders`, not taken as deleted).
+        cannot be listed now (it is reported in `unreadable_folders`, not taken as deleted), and its videos
+        while PyAV is not installed (a note says so).
         """
+        from clip.search.videos import av_available, missing_av_note, split_videos
+
         folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
-        files, unreadable = scan_images(folder, exclude=[self.root])
+        files, unreadable = scan_images(folder, exclude=[self.root], videos=True)
+        left_out = set() if av_available() else set(split_videos(files)[1])  # kept, not taken as deleted
+        files = [f for f in files if f not in left_out]
         with self._writing() as report:
+            if left_out:
+                report.notes.append(missing_av_note(len(left_out)))
             report.unreadable_folders = unreadable
             self._add_roots([folder])
-            present = set(files)
+            present = set(files) | left_out
             known = list(self._store.known_files()) + list(self._store.known_errors())
             gone = [
                 p
@@ -283,7 +276,7 @@ class Index:
                 and p not in present
                 and not any(relative_to(p, u) for u, _ in unreadable)
             ]
-            return self._update(report, files, gone, batch_size, num_workers, progress, commit_seconds)
+            return self._update(report, files, gone, batch_size, num_workers, progress, commit_seconds, video)
 
     def remove(self, paths: Iterable[str | os.PathLike]) -> int:
         """Drop `paths` from the index; returns how many embeddings were removed."""
@@ -323,7 +316,9 @@ class Index:
                 pruned += 1
         return pruned
 
-    def _plan(self, paths: list[str], report: IndexReport) -> list[Job]:
+    def _plan(self, paths: list[str], report: IndexReport, video: VideoOptions) -> list[Job]:
+        from clip.search.videos import resampled
+
         known = self._store.known_files()
         bad = self._store.known_errors()
         jobs = []
@@ -334,7 +329,7 @@ class Index:
             except OSError:
                 stat = None  # read_job records the error
             if path in known:
-                if stat == known[path][:2]:
+                if stat == known[path][:2] and not resampled(path, known[path][2], video):
                     report.skipped += 1
                     continue
                 jobs.append(Job(path, known_sha256=known[path][2]))
@@ -353,13 +348,23 @@ class Index:
         num_workers: int | None,
         progress: bool,
         commit_seconds: float,
+        video: VideoOptions | None = None,
     ) -> IndexReport:
+        from clip.search.videos import VideoRun
+
         t0 = time.perf_counter()
+        video = video or VideoOptions()
         if gone:
             report.removed = self._store.delete(gone)
-        jobs = self._plan(paths, report)
-        if jobs:
-            self._embed(jobs, report, batch_size, num_workers, progress, commit_seconds)
+        jobs = self._plan(paths, report, video)
+        images = [j for j in jobs if not is_video_name(j.path)]
+        if images:
+            self._embed(images, report, batch_size, num_workers, progress, commit_seconds)
+        if len(images) < len(jobs):  # the videos: frames in chunks, each video committed whole
+            workers = default_workers() if num_workers is None else num_workers
+            run = VideoRun(self._encode_locked, self._flush, report, video, batch_size, workers, progress,
+                           commit_seconds)  # fmt: skip
+            run.run([j for j in jobs if is_video_name(j.path)], self.encoder.preprocess)
         self._store.compact()
         report.thumbs_pruned = self.prune_thumbnails()
         report.seconds = time.perf_counter() - t0
@@ -410,6 +415,10 @@ class Index:
                         self._store.compact()  # keep the shard count bounded during a long run
             self._flush(pending)
 
+    def _encode_locked(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self.encoder.encode_pixels(pixels)
+
     def _flush(self, pending: tuple[list, list, list, list]) -> None:
         vectors, records, errors, unchanged = pending
         if not (records or errors or unchanged):
@@ -422,64 +431,12 @@ class Index:
 
     # ---------------------------------------------------------------------------------------------- ANN
 
-    def ann_status(self) -> dict[str, Any]:
-        """{"built": bool, "stale": share of vectors added or deleted since the build, "info": meta}."""
-        info = json.loads(self._store.get_meta("ann") or "null")
-        count = len(self)
-        if info is None:
-            return {"built": False, "stale": 1.0, "info": None, "count": count}
-        covered = self._store.count_up_to(info["max_vec_id"])
-        changed = (count - covered) + (info["count"] - covered)
-        return {"built": True, "stale": changed / max(1, count), "info": info, "count": count}
-
     def ann_needed(self) -> bool:
         """Whether `build_ann` should run: big enough, faiss installed, and none built or too stale."""
         status = self.ann_status()
         if status["count"] < ANN_THRESHOLD or not ann_mod.faiss_available():
             return False
         return status["stale"] > ANN_STALE_FRACTION
-
-    def build_ann(
-        self, *, target_recall: float = ann_mod.TARGET_RECALL, nlist: int | None = None
-    ) -> dict[str, Any]:
-        """Build (or rebuild) the FAISS index over all vectors; returns its info, with recall@10 vs exact."""
-        loaded = self._load()
-        snap = loaded.snap
-        if len(snap.paths) == 0:
-            raise ValueError(f"index {str(self.root)!r} is empty: nothing to build an approximate index over")
-        queries = self._tuning_queries(snap)
-        index, stats = ann_mod.build(
-            snap.vectors, snap.vec_ids, nlist=nlist, target_recall=target_recall, queries=queries
-        )
-        name = f"ann-{os.urandom(6).hex()}.faiss"
-        with self._store.writing():
-            index.save(self.root / name)
-            info = ann_mod.AnnInfo(
-                file=name,
-                max_vec_id=int(snap.vec_ids.max()),
-                count=len(snap.paths),
-                nlist=stats["nlist"],
-                nprobe=stats["nprobe"],
-                recall=round(stats["recall"], 4),
-                build_seconds=round(stats["build_seconds"], 2),
-            ).to_dict()
-            self._store.set_meta({"ann": json.dumps(info)})
-            self._store.remove_orphans()  # the previous ANN file
-        with self._lock:
-            self._loaded = None
-        return info
-
-    def _tuning_queries(self, snap: Snapshot) -> np.ndarray:
-        """Queries to tune nprobe on: text prompts through the index's model (text queries land farther from
-        the images than any image does, so they need more probes) plus perturbed stored vectors."""
-        image_like = ann_mod.probe_queries(snap.vectors, 100)
-        try:
-            encoder = self.encoder
-        except (ValueError, OSError):
-            return image_like  # a model held in memory elsewhere: tune on image-like queries only
-        with self._lock:
-            text = encoder.encode_texts([f"a photo of {s}" for s in TUNING_SUBJECTS]).numpy()
-        return np.concatenate([text, image_like])
 
     # ------------------------------------------------------------------------------------------ reading
 
@@ -494,17 +451,6 @@ class Index:
                 snap = self._store.snapshot(self.embed_dim)
                 self._loaded = _Loaded(snap, torch.from_numpy(snap.vectors))
             return self._loaded
-
-    def _ann(self, loaded: _Loaded) -> bool:
-        """Attach the ANN index to `loaded` if one is built; returns whether it is usable."""
-        info = json.loads(self._store.get_meta("ann") or "null")
-        if info is None or not ann_mod.faiss_available():
-            return False
-        if loaded.ann is None or loaded.ann_info != info:
-            loaded.ann = ann_mod.AnnIndex.load(self.root / info["file"], info["nprobe"])
-            loaded.ann_info = info
-            loaded.row_of = ann_mod.row_lookup(loaded.snap.vec_ids)
-        return True
 
     def search_vectors(
         self, queries: torch.Tensor, k: int = 10, *, ann: bool | None = None
@@ -527,30 +473,14 @@ class Index:
             if ann is None and len(loaded.snap.paths) < ANN_THRESHOLD:
                 use_ann = False
             results = self._search_ann(loaded, q, k) if use_ann else search_exact(loaded.vectors, q, k)
-            paths, ids = loaded.snap.paths, loaded.snap.vec_ids
+            snap = loaded.snap
         return [
-            [Hit(paths[r], float(s), int(ids[r])) for r, s in zip(rows, scores, strict=True)]
+            [
+                Hit(snap.paths[r], float(s), int(snap.vec_ids[r]), time=snap.time_of(r))
+                for r, s in zip(rows, scores, strict=True)
+            ]
             for rows, scores in results
         ]
-
-    def _search_ann(self, loaded: _Loaded, q: torch.Tensor, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """FAISS candidates for the vectors it covers, exact search over newer ones; all rescored exactly."""
-        snap = loaded.snap
-        labels = loaded.ann.search(q.numpy(), ann_mod.candidates_for(k))
-        newer = np.flatnonzero(snap.vec_ids > loaded.ann_info["max_vec_id"])
-        side = (
-            search_exact(loaded.vectors.index_select(0, torch.from_numpy(newer)), q, k)
-            if len(newer)
-            else None
-        )
-        out = []
-        for i in range(q.shape[0]):
-            rows = loaded.row_of(labels[i][labels[i] >= 0])
-            rows = rows[rows >= 0]
-            if side is not None:
-                rows = np.concatenate([rows, newer[side[i][0]]])
-            out.append(rank(loaded.vectors, q[i], rows, k))
-        return out
 
     @overload
     def search_text(self, text: str, k: int = 10, *, ann: bool | None = None) -> list[Hit]: ...

@@ -21,6 +21,8 @@ class IndexReport:
     thumbs_pruned: int = 0  # cached thumbnails of files no longer indexed, deleted
     seconds: float = 0.0
     count: int = 0  # embeddings in the index afterwards
+    frames: int = 0  # video frames embedded (their videos are counted in added / updated)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, message): a video cut short, ...
 
     @property
     def embedded(self) -> int:
@@ -34,5 +36,6 @@ class IndexReport:
         d = asdict(self)
         d["failed"] = [{"path": p, "error": m} for p, m in self.failed]
         d["unreadable_folders"] = [{"path": p, "error": m} for p, m in self.unreadable_folders]
+        d["notes"] = [{"path": p, "note": m} for p, m in self.notes]
         d["images_per_second"] = round(self.images_per_second, 2)
         return d

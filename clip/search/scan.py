@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from clip.files import IMAGE_EXTENSIONS, is_image_name  # noqa: F401  (the one definition; re-exported)
+from clip.files import IMAGE_EXTENSIONS, is_image_name, is_video_name  # noqa: F401  (one definition; re-exported)
 from clip.files import sha256_file as file_sha256
 from clip.search.store import ErrorRecord, FileRecord
 
@@ -30,9 +30,10 @@ def walk_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = 
 
 
 def scan_images(
-    root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()
+    root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = (), *, videos: bool = False
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """`walk_images`, plus (folder, message) for every folder that could not be listed.
+    """`walk_images`, plus (folder, message) for every folder that could not be listed; with `videos`, the
+    video files (`clip.files.VIDEO_EXTENSIONS`) too, in the same sorted list.
 
     Names that are not valid UTF-8 come back as Python holds them (surrogate escapes), usable with open().
     """
@@ -48,7 +49,11 @@ def scan_images(
 
     for folder, dirs, files in os.walk(root, onerror=failed):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in skip)
-        found.extend(os.path.join(folder, f) for f in files if is_image_name(f) and not f.startswith("."))
+        found.extend(
+            os.path.join(folder, f)
+            for f in files
+            if (is_image_name(f) or (videos and is_video_name(f))) and not f.startswith(".")
+        )
     return sorted(found), sorted(unreadable)
 
 

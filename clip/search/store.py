@@ -37,7 +37,6 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 
@@ -51,29 +50,18 @@ from clip.search.damage import (  # noqa: F401  (re-exported: these are the stor
     database_error,
     shard_problem,
 )
+from clip.search.schema import FORMAT_VERSION, connect, db_path, has_time_column, py_path  # noqa: F401
 
-FORMAT_VERSION = 1
 SHARD_DIR = "shards"
 LOCK_NAME = "write.lock"
 THUMB_DIR = "thumbs"
 SHARD_TARGET_ROWS = 65536
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, rows INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    width INTEGER NOT NULL, height INTEGER NOT NULL, vec_id INTEGER NOT NULL UNIQUE,
-    shard INTEGER NOT NULL, row INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS files_shard ON files (shard);
-CREATE TABLE IF NOT EXISTS errors (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, message TEXT NOT NULL);
-"""
-
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One embedded image: where it is, what it was when read, and its pixel size after EXIF rotation.
+    """One embedded image or video frame: where it is, what it was when read, and its pixel size after EXIF
+    rotation; `time` is a video frame's presentation time in seconds (None for an image).
 
     content_hashed False (an index built from `clip embed` shards, whose bytes it never read): `sha256` is not
     the content's hash but a digest of (path, size, mtime_ns) taken when the index was built, naming that state
@@ -87,6 +75,11 @@ class FileRecord:
     width: int
     height: int
     content_hashed: bool = True
+    time: float | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.time is not None
 
 
 @dataclass(frozen=True)
@@ -101,33 +94,34 @@ class ErrorRecord:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """All live embeddings at one generation, sorted by path (so row order is the tie-break order).
+    """All live embeddings at one generation, sorted by path then time (so row order is the tie-break order).
 
-    paths: N strings; vec_ids: int64 [N]; vectors: float16 [N, D] unit vectors.
+    paths: N strings; vec_ids: int64 [N]; vectors: float16 [N, D] unit vectors; times: float64 [N], a video
+    frame's time in seconds, NaN for an image (None: no frame at all).
     """
 
     generation: int
     paths: list[str]
     vec_ids: np.ndarray
     vectors: np.ndarray
+    times: np.ndarray | None = None
 
-
-def db_path(path: str) -> str | bytes:
-    """How `path` is stored: itself when it is valid UTF-8, else the file name's bytes (lossless)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:  # a name that was not UTF-8 on disk: Python holds it with surrogate escapes
-        return os.fsencode(path)
-    return path
-
-
-def py_path(value: str | bytes) -> str:
-    """The Python path of a stored value (inverse of `db_path`)."""
-    return os.fsdecode(value) if isinstance(value, bytes) else value
+    def time_of(self, row: int) -> float | None:
+        if self.times is None or np.isnan(self.times[row]):
+            return None
+        return float(self.times[row])
 
 
 def _stat_fields(r: FileRecord) -> tuple[int, int, str, int, int]:
     return r.size, r.mtime_ns, r.sha256, r.width, r.height
+
+
+_RECORD_COLUMNS = "path, size, mtime_ns, sha256, width, height, time"
+
+
+def _record_of(row: tuple) -> FileRecord:
+    """A FileRecord from a row of `_RECORD_COLUMNS`."""
+    return FileRecord(py_path(row[0]), *row[1:6], time=row[6])
 
 
 def thumb_name(sha256: str, size: int) -> str:
@@ -165,9 +159,10 @@ class Store:
             (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._writer = threading.Lock()  # POSIX file locks do not exclude threads of one process
-        self.read_only = False
         try:
-            self._db = self._connect(db)
+            self._db, self.read_only = connect(db)
+            # "NULL": an index made before videos that this process could not migrate (every row an image).
+            self._time = "time" if has_time_column(self._db) else "NULL"
         except sqlite3.Error as err:
             raise database_error(self.root, err) from None
         version = self.get_meta("format_version")
@@ -180,37 +175,6 @@ class Store:
                 f"index {str(self.root)!r} has format version {version}; this version of clip reads "
                 f"{FORMAT_VERSION}. Rebuild it with `clip index` into a new folder."
             )
-
-    def _connect(self, db: Path) -> sqlite3.Connection:
-        con = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=60)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just SIGKILL
-            con.executescript(_SCHEMA)
-            # INSERT OR IGNORE in one transaction: two processes creating one index cannot reset each other's
-            # counters (a second writer resetting next_vec_id would reuse ids and replace rows).
-            con.execute("BEGIN IMMEDIATE")
-            con.executemany(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                [("format_version", str(FORMAT_VERSION)), ("generation", "0"), ("next_vec_id", "0")],
-            )
-            con.execute("COMMIT")
-            return con
-        except sqlite3.OperationalError:
-            con.close()
-            if os.access(db, os.W_OK) and os.access(db.parent, os.W_OK):
-                raise
-        # A folder this process cannot write (read-only media, another user's index): read without writing.
-        self.read_only = True
-        uri = "file:" + quote(os.fsencode(db.resolve()), safe="/")
-        try:  # mode=ro still sees a live writer's WAL, if the -shm file exists and can be read
-            con = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
-            con.execute("SELECT COUNT(*) FROM meta").fetchone()
-            return con
-        except sqlite3.OperationalError:
-            con.close()
-        # No -shm and no right to create one: nobody can be writing it, so read the file as it is.
-        return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
 
     def close(self) -> None:
         with self._lock:
@@ -306,8 +270,8 @@ class Store:
         return int(self._rows("SELECT COUNT(*) FROM files WHERE vec_id <= ?", (max_vec_id,))[0][0])
 
     def known_files(self) -> dict[str, tuple[int, int, str]]:
-        """path -> (size, mtime_ns, sha256) of every embedded file."""
-        rows = self._rows("SELECT path, size, mtime_ns, sha256 FROM files")
+        """path -> (size, mtime_ns, sha256) of every embedded file (a video once, however many frames)."""
+        rows = self._rows("SELECT DISTINCT path, size, mtime_ns, sha256 FROM files")
         return {py_path(p): (s, m, h) for p, s, m, h in rows}
 
     def known_errors(self) -> dict[str, tuple[int, int]]:
@@ -322,10 +286,14 @@ class Store:
         return bool(self._rows("SELECT 1 FROM files WHERE path = ?", (db_path(path),)))
 
     def file_info(self, path: str) -> FileRecord | None:
+        """The record of `path` (of a video: its first frame's), or None."""
         rows = self._rows(
-            "SELECT path, size, mtime_ns, sha256, width, height FROM files WHERE path = ?", (db_path(path),)
+            f"SELECT {self._columns()} FROM files WHERE path = ? ORDER BY time LIMIT 1", (db_path(path),)
         )
-        return FileRecord(py_path(rows[0][0]), *rows[0][1:]) if rows else None
+        return _record_of(rows[0]) if rows else None
+
+    def _columns(self) -> str:
+        return _RECORD_COLUMNS.replace("time", self._time)
 
     def records_by_vec_id(self, vec_ids: list[int]) -> dict[int, FileRecord]:
         """vec_id -> record of the live embeddings among `vec_ids`."""
@@ -333,11 +301,10 @@ class Store:
         for start in range(0, len(vec_ids), 500):  # SQLite's limit on bound parameters
             part = vec_ids[start : start + 500]
             rows = self._rows(
-                "SELECT vec_id, path, size, mtime_ns, sha256, width, height FROM files "
-                f"WHERE vec_id IN ({','.join('?' * len(part))})",
+                f"SELECT vec_id, {self._columns()} FROM files WHERE vec_id IN ({','.join('?' * len(part))})",
                 part,
             )
-            out.update({r[0]: FileRecord(py_path(r[1]), *r[2:]) for r in rows})
+            out.update({r[0]: _record_of(r[1:]) for r in rows})
         return out
 
     def live_hashes(self) -> set[str]:
@@ -345,7 +312,7 @@ class Store:
         return {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
 
     def snapshot(self, embed_dim: int) -> Snapshot:
-        """Load every live vector, sorted by path (names that are not UTF-8 last).
+        """Load every live vector, sorted by path (names that are not UTF-8 last), a video's frames by time.
 
         Retries if a concurrent compaction removed a shard; raises DamagedIndexError for a shard that is
         missing, truncated or not float16 [rows, embed_dim] while nothing else is changing the index.
@@ -354,7 +321,9 @@ class Store:
         for _ in range(5):
             with self._read_transaction() as cur:  # one snapshot: rows and shard names agree
                 generation = int(cur.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
-                rows = cur.execute("SELECT path, vec_id, shard, row FROM files ORDER BY path").fetchall()
+                rows = cur.execute(
+                    f"SELECT path, vec_id, shard, row, {self._time} FROM files ORDER BY path, {self._time}"
+                ).fetchall()
                 shards = {sid: (name, n) for sid, name, n in cur.execute("SELECT id, name, rows FROM shards")}
             used: dict[int, int] = {}
             for r in rows:
@@ -386,12 +355,13 @@ class Store:
         vec_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
         shard_of = np.fromiter((r[2] for r in rows), dtype=np.int64, count=n)
         row_of = np.fromiter((r[3] for r in rows), dtype=np.int64, count=n)
+        times = np.fromiter((np.nan if r[4] is None else r[4] for r in rows), dtype=np.float64, count=n)
         vectors = np.empty((n, dim), dtype=np.float16)
         for sid in np.unique(shard_of):
             where = np.flatnonzero(shard_of == sid)
             data = np.load(self.root / SHARD_DIR / names[int(sid)], mmap_mode="r")  # checked by the caller
             vectors[where] = data[row_of[where]]
-        return Snapshot(generation, paths, vec_ids, vectors)
+        return Snapshot(generation, paths, vec_ids, vectors, times)
 
     # ------------------------------------------------------------------------------------------- writing
 
@@ -437,7 +407,8 @@ class Store:
         """Drop every shard that is missing, truncated or of the wrong dtype / shape, with the rows it held.
 
         Call while `writing()`.  Returns (shard name, problem, paths whose embeddings were dropped): a sync
-        then sees those files as new and embeds them again.
+        then sees those files as new and embeds them again.  A video with frames in the shard loses all its
+        frames (a compaction may have spread them over shards), so it is embedded again whole.
         """
         repaired: list[tuple[str, str, list[str]]] = []
         if dim <= 0:
@@ -447,8 +418,12 @@ class Store:
             if problem is None:
                 continue
             with self._transaction() as cur:
-                paths = [py_path(r[0]) for r in cur.execute("SELECT path FROM files WHERE shard = ?", (sid,))]
+                stored = list(
+                    dict.fromkeys(r[0] for r in cur.execute("SELECT path FROM files WHERE shard = ?", (sid,)))
+                )
+                paths = [py_path(p) for p in stored]
                 cur.execute("DELETE FROM files WHERE shard = ?", (sid,))
+                cur.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in stored])
                 cur.execute("DELETE FROM shards WHERE id = ?", (sid,))
                 self._bump(cur)
             (self.root / SHARD_DIR / name).unlink(missing_ok=True)
@@ -470,7 +445,8 @@ class Store:
     ) -> None:
         """Record one batch atomically.
 
-        vectors: float16 [len(records), D], row i embedding records[i]; errors: files that failed (their old
+        vectors: float16 [len(records), D], row i embedding records[i] (every frame of a video in one commit:
+        they replace all its earlier frames); errors: files that failed (their old
         embedding, if any, is dropped); touched: (path, size, mtime_ns) of files whose stat changed but whose
         content hash did not (only the stat is updated).
         """
@@ -499,14 +475,16 @@ class Store:
                 cur.execute("INSERT INTO shards (name, rows) VALUES (?, ?)", (name, len(records)))
                 shard_id = cur.lastrowid
                 first = int(cur.execute("SELECT value FROM meta WHERE key = 'next_vec_id'").fetchone()[0])
+                stored = dict.fromkeys(db_path(r.path) for r in records)
+                cur.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in stored])  # earlier frames
                 cur.executemany(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (db_path(r.path), *_stat_fields(r), first + i, shard_id, i)
+                        (db_path(r.path), *_stat_fields(r), first + i, shard_id, i, r.time)
                         for i, r in enumerate(records)
                     ],
                 )
-                cur.executemany("DELETE FROM errors WHERE path = ?", [(db_path(r.path),) for r in records])
+                cur.executemany("DELETE FROM errors WHERE path = ?", [(p,) for p in stored])
                 cur.execute(
                     "UPDATE meta SET value = ? WHERE key = 'next_vec_id'", (str(first + len(records)),)
                 )
@@ -544,10 +522,10 @@ class Store:
             return 0  # one small shard without dead rows: nothing to gain
         ids = [s[0] for s in redo]
         marks = ",".join("?" * len(ids))
-        # Paths stay as stored (text or bytes): they are only bound back into this table.
+        # Rows are re-pointed by vec_id (unique; a video has many rows per path).
         rows = self._rows(
-            f"SELECT f.path, s.name, f.row FROM files f JOIN shards s ON f.shard = s.id "
-            f"WHERE f.shard IN ({marks}) ORDER BY f.path",
+            f"SELECT f.vec_id, s.name, f.row FROM files f JOIN shards s ON f.shard = s.id "
+            f"WHERE f.shard IN ({marks}) ORDER BY f.path, f.time",
             ids,
         )
         loaded = {name: np.load(self.root / SHARD_DIR / name, mmap_mode="r") for name in {r[1] for r in rows}}
@@ -561,7 +539,7 @@ class Store:
                 cur.execute("INSERT INTO shards (name, rows) VALUES (?, ?)", (name, len(part)))
                 sid = cur.lastrowid
                 cur.executemany(
-                    "UPDATE files SET shard = ?, row = ? WHERE path = ?",
+                    "UPDATE files SET shard = ?, row = ? WHERE vec_id = ?",
                     [(sid, i, p[0]) for i, p in enumerate(part)],
                 )
             cur.execute(f"DELETE FROM shards WHERE id IN ({marks})", ids)
