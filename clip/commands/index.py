@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="embed the images of a folder into an index (incremental, crash-safe)",
         description=(
             "Walk PHOTOS_DIR recursively and embed every readable image (JPEG, PNG, WebP, GIF, BMP, TIFF; "
-            "hidden folders skipped) into the index folder IDX. Run it again to embed only new or changed "
+            "hidden folders skipped), and a frame of every video (.mp4, .webm, .mkv, .mov, ...; needs PyAV) "
+            "every --frame-interval seconds, into the index folder IDX. Run it again to embed only new or changed "
             "files and drop deleted ones; a killed run resumes where it stopped; damaged shards are dropped and "
             "their images embedded again. Unreadable files and folders are listed in IDX/report.json."
         ),
@@ -63,6 +64,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="build an approximate (FAISS) index: auto = from 100,000 images when faiss is installed "
         "(with --from-embeddings: always = even below that)",
     )
+    parser.add_argument(
+        "--frame-interval", type=float, default=1.0, metavar="S",
+        help="videos: embed one frame every S seconds (default 1.0), each a search hit of its own (file, time); "
+        "changing it embeds the videos again",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-frames-per-video", type=int, default=10_000, metavar="N",
+        help="stop a video after N frames (default 10000); the rest is left out, with a note",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)
 
@@ -76,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return _from_embeddings(args)
     if args.photos is None:
         raise CLIError("give a folder of images (clip index PHOTOS_DIR --index IDX) or --from-embeddings DIR")
+    video = _video_options(args)
     if _is_embeddings_index(args.index):
         raise CLIError(
             f"{args.index!r} was built from embeddings; rebuild it with --from-embeddings, or choose a new --index"
@@ -92,16 +103,20 @@ def run(args: argparse.Namespace) -> int:
         )
     with Index.open(args.index, model=args.model, device=args.device) as idx:
         report = idx.sync(
-            args.photos, batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress
-        )
+            args.photos, batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
+            video=video,
+        )  # fmt: skip
         for line in report.repaired:
             print(f"repaired: {line}", flush=True)
         print(
             f"embedded {report.added} new and {report.updated} changed images in {report.seconds:.1f} s "
             f"({report.images_per_second:.1f} images/s); removed {report.removed}; "
-            f"{report.skipped + report.unchanged_content} unchanged; {len(report.failed)} unreadable",
+            f"{report.skipped + report.unchanged_content} unchanged; {len(report.failed)} unreadable"
+            + (f" ({report.frames} video frames among them)" if report.frames else ""),
             flush=True,
         )
+        for path, note in report.notes:  # a video cut short, videos left out without PyAV
+            print_line(f"note: {note}" if not path or path in note else f"note: {path}: {note}")
         ann = None
         if args.ann == "always" or (args.ann == "auto" and idx.ann_needed()):
             print("building the approximate (FAISS) index...", file=sys.stderr, flush=True)
@@ -121,6 +136,15 @@ def run(args: argparse.Namespace) -> int:
             report_file,
         )
     return 0
+
+
+def _video_options(args: argparse.Namespace):  # -> VideoOptions
+    from clip.collection.video import VideoOptions
+
+    try:
+        return VideoOptions(args.frame_interval, args.max_frames_per_video)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _is_embeddings_index(path: str) -> bool:

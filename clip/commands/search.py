@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="search an index by text or by image",
         description=(
             "Print the k indexed images closest to each query, one 'path<TAB>score' line each (score: cosine "
-            "similarity), best first, ties ordered by path. Several queries run as one batch."
+            "similarity), best first, ties ordered by path; a video frame prints as 'path#t=SECONDS' (with "
+            "--json: path and time). Several queries run as one batch."
         ),
     )
     parser.add_argument("index", metavar="IDX", help="index folder made by `clip index`")
@@ -74,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
         if len(results) > 1:
             print_line(f"# {query}")
         for h in hits:
-            print_line(f"{h.path}\t{h.score:.4f}" + (f"\t{h.caption}" if args.captions else ""))
+            print_line(f"{h.label}\t{h.score:.4f}" + (f"\t{h.caption}" if args.captions else ""))
     return 0

@@ -116,11 +116,8 @@ def _stat_fields(r: FileRecord) -> tuple[int, int, str, int, int]:
     return r.size, r.mtime_ns, r.sha256, r.width, r.height
 
 
-_RECORD_COLUMNS = "path, size, mtime_ns, sha256, width, height, time"
-
-
 def _record_of(row: tuple) -> FileRecord:
-    """A FileRecord from a row of `_RECORD_COLUMNS`."""
+    """A FileRecord from a row of `Store._columns()`: path, size, mtime_ns, sha256, width, height, time."""
     return FileRecord(py_path(row[0]), *row[1:6], time=row[6])
 
 
@@ -288,12 +285,13 @@ class Store:
     def file_info(self, path: str) -> FileRecord | None:
         """The record of `path` (of a video: its first frame's), or None."""
         rows = self._rows(
-            f"SELECT {self._columns()} FROM files WHERE path = ? ORDER BY time LIMIT 1", (db_path(path),)
+            f"SELECT {self._columns()} FROM files WHERE path = ? ORDER BY {self._time} LIMIT 1",
+            (db_path(path),),
         )
         return _record_of(rows[0]) if rows else None
 
     def _columns(self) -> str:
-        return _RECORD_COLUMNS.replace("time", self._time)
+        return f"path, size, mtime_ns, sha256, width, height, {self._time}"
 
     def records_by_vec_id(self, vec_ids: list[int]) -> dict[int, FileRecord]:
         """vec_id -> record of the live embeddings among `vec_ids`."""
