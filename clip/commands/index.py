@@ -8,6 +8,7 @@ import os
 import sys
 
 from clip.cli import CLIError
+from clip.commands.common import add_device_argument
 from clip.commands.output import print_line
 
 MAX_LISTED_ERRORS = 20
@@ -56,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="decoding processes (default: one per core)"
     )
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    add_device_argument(parser)
+    _add_precision_argument(parser)
     parser.add_argument(
         "--ann",
         choices=("auto", "always", "never"),
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.index!r} is not an index yet: pass --model (e.g. --model ViT-B/32) to create it"
         )
-    with Index.open(args.index, model=args.model, device=args.device) as idx:
+    with Index.open(args.index, model=args.model, device=args.device, precision=args.precision) as idx:
         report = idx.sync(
             args.photos, batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
             video=video,
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for path, note in report.notes:  # a video cut short, videos left out without PyAV
             print_line(f"note: {note}" if not path or path in note else f"note: {path}: {note}")
+        _print_agreement(idx.report(), report.added + report.updated)
         ann = None
         if args.ann == "always" or (args.ann == "auto" and idx.ann_needed()):
             print("building the approximate (FAISS) index...", file=sys.stderr, flush=True)
@@ -136,6 +139,37 @@ def run(args: argparse.Namespace) -> int:
             report_file,
         )
     return 0
+
+
+def _add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    from clip.search.encoder import INDEX_PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        choices=INDEX_PRECISIONS,
+        default=None,
+        help="how images are embedded: fp32 (exact), bf16 (CPU: bf16 weights, AVX512-BF16; GPU: autocast), fp16 "
+        "(autocast), int8 (CPU only: int8 linear layers, VNNI). Recorded in the index; default: the index's "
+        "own (fp32 for a new one). Not fp32: the first images are also embedded in fp32 and the agreement printed",
+    )
+
+
+def _print_agreement(full: dict, embedded: int) -> None:
+    """The agreement with fp32 measured by this run (below fp32, when it embedded anything), once."""
+    from clip.search.encoder import AGREEMENT_FLOOR
+
+    agree = full.get("agreement_with_fp32")
+    if full.get("precision", "fp32") == "fp32" or not agree or not embedded:
+        return
+    print_line(
+        f"agreement of {agree['precision']} with fp32 on the first {agree['images']} images: min cosine "
+        f"{agree['image_cosine_min']:.5f} (mean {agree['image_cosine_mean']:.5f})"
+    )
+    if agree["image_cosine_min"] < AGREEMENT_FLOOR:
+        print_line(
+            f"warning: below the expected {AGREEMENT_FLOOR} (this model loses accuracy at "
+            f"{agree['precision']}); rebuild the index with --precision fp32 if search results look off"
+        )
 
 
 def _video_options(args: argparse.Namespace):  # -> VideoOptions
@@ -159,6 +193,11 @@ def _from_embeddings(args: argparse.Namespace) -> int:
 
     if args.photos is not None:
         raise CLIError("give either PHOTOS_DIR or --from-embeddings DIR, not both")
+    if args.precision is not None:
+        raise CLIError(
+            "--precision is for embedding PHOTOS_DIR; with --from-embeddings the vectors are the embed job's "
+            "(set its precision with clip embed --precision)"
+        )
     try:
         budget = parse_size(args.max_index_memory)
     except ValueError as err:

@@ -34,7 +34,7 @@ from clip.collection.video import VideoOptions
 from clip.files import is_video_name
 from clip.search import ann as ann_mod
 from clip.search.embindex import is_embeddings_index
-from clip.search.encoder import Encoder, as_encoder
+from clip.search.encoder import Encoder, adopt_precision, as_encoder, check_precision, recorded_precision
 from clip.search.hits import Hit
 from clip.search.index_ann import AnnSearch, _Loaded
 from clip.search.report import IndexReport
@@ -80,12 +80,14 @@ class Index(AnnSearch):
         *,
         device: str | torch.device = "cpu",
         create: bool = True,
+        precision: str | None = None,
     ) -> Index:
         """Open the index at `path`, creating it when `model` is given (and `create`) and the folder holds none.
 
         model: a model name or checkpoint path (as `clip.load` takes), a `(model, preprocess)` pair, an
         `Encoder`, or None to use the model recorded in the index (loaded when first needed).
         Raises ModelMismatchError if `model` differs from the index's model (weights, config, preprocessing).
+        precision: how vectors are computed (`clip.search.encoder`); None = the index's own (fp32 when new).
         """
         root = Path(path)
         if is_embeddings_index(root):  # built by `clip index --from-embeddings`: the same reading API
@@ -97,7 +99,7 @@ class Index(AnnSearch):
                 f"no index at {str(root)!r}; create one with `clip index PHOTOS --index {root} --model M` "
                 "or Index.open(path, model=...)"
             )
-        encoder = as_encoder(model, device) if model is not None else None
+        encoder = as_encoder(model, device, precision) if model is not None else None
         store = Store(root, create=encoder is not None)
         try:
             if store.get_meta("model_identity") is None and encoder is None:
@@ -105,7 +107,10 @@ class Index(AnnSearch):
                     f"index {str(root)!r} records no model; open it with model=... to initialise it"
                 )
             if encoder is not None:
+                encoder = adopt_precision(encoder, store, precision or getattr(model, "precision", None))
                 _check_identity(store, encoder, claim=True)
+            elif precision is not None:
+                check_precision(store, precision)
         except BaseException:
             store.close()
             raise
@@ -147,7 +152,7 @@ class Index(AnnSearch):
                         f"index {str(self.root)!r} was built with a model held in memory; pass it again: "
                         "Index.open(path, model=(model, preprocess))"
                     )
-                encoder = Encoder.load(spec, self._device)
+                encoder = Encoder.load(spec, self._device, recorded_precision(self._store) or "fp32")
                 if encoder.identity != self.model_identity:
                     raise ModelMismatchError(
                         f"the model at {spec!r} changed since index {str(self.root)!r} was built (identity "
@@ -209,6 +214,8 @@ class Index(AnnSearch):
             "index": str(self.root),
             "model": self.model_spec,
             "model_identity": self.model_identity,
+            "precision": recorded_precision(self._store) or "fp32",
+            "agreement_with_fp32": json.loads(self._store.get_meta("agreement_with_fp32") or "null"),
             "count": len(self),
             "errors": [{"path": p, "error": m} for p, m in self.errors()],
             "ann": json.loads(self._store.get_meta("ann") or "null"),
@@ -365,6 +372,8 @@ class Index(AnnSearch):
             run = VideoRun(self._encode_locked, self._flush, report, video, batch_size, workers, progress,
                            commit_seconds)  # fmt: skip
             run.run([j for j in jobs if is_video_name(j.path)], self.encoder.preprocess)
+        if jobs and self.encoder.agreement is not None:  # below fp32: measured on the first images embedded
+            self._store.set_meta({"agreement_with_fp32": json.dumps(self.encoder.agreement)})
         self._store.compact()
         report.thumbs_pruned = self.prune_thumbnails()
         report.seconds = time.perf_counter() - t0
@@ -395,6 +404,7 @@ class Index(AnnSearch):
                 if batch.records:
                     with self._lock:
                         vecs = encoder.encode_pixels(batch.pixels)
+                        encoder.measure_agreement(batch.pixels, vecs)
                     pending[0].append(vecs.to(torch.float16).numpy())
                 pending[1].extend(batch.records)
                 pending[2].extend(batch.errors)
@@ -417,7 +427,9 @@ class Index(AnnSearch):
 
     def _encode_locked(self, pixels: torch.Tensor) -> torch.Tensor:
         with self._lock:
-            return self.encoder.encode_pixels(pixels)
+            vecs = self.encoder.encode_pixels(pixels)
+            self.encoder.measure_agreement(pixels, vecs)
+            return vecs
 
     def _flush(self, pending: tuple[list, list, list, list]) -> None:
         vectors, records, errors, unchanged = pending
@@ -530,6 +542,7 @@ def _check_identity(store: Store, encoder: Encoder, *, claim: bool) -> None:
         "model_identity": encoder.identity,
         "model_spec": encoder.spec or "",
         "embed_dim": str(encoder.embed_dim),
+        "precision": encoder.precision,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     stored = store.claim_meta("model_identity", values) if claim else store.get_meta("model_identity")
@@ -540,6 +553,7 @@ def _check_identity(store: Store, encoder: Encoder, *, claim: bool) -> None:
             "weights, config or preprocessing). Embeddings of different models cannot be mixed: use a "
             "new index folder, or the index's own model (leave --model out)."
         )
+    check_precision(store, encoder.precision)
 
 
 def store_spec(store: Store) -> str:
