@@ -89,6 +89,9 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
     ("--grad-clip-norm", "optim", "grad_clip_norm", dict(type=positive, help="clip the gradient norm to this")),
     ("--precision", "optim", "precision",
      dict(choices=PRECISIONS, default="auto", help="auto = amp_bf16 on GPU, fp32 on CPU")),
+    ("--fused-adamw", "optim", "fused", dict(action=argparse.BooleanOptionalAction, default=None,
+                                               help="AdamW's fused kernel (default: on CUDA only; on CPU it is "
+                                                    "faster and equal up to float rounding)")),
     ("--accum-freq", "optim", "accum_freq",
      dict(type=int, default=1, help="micro-batches per step, keeping all their negatives")),
     ("--output-dir", "run", "output_dir", dict(required=True, help="run folder (checkpoints, metrics, curves)")),
@@ -119,7 +122,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()}
     for flag, group, name, kwargs in FLAGS:
-        if kwargs.get("action") not in ("store_true", "store_false") and "choices" not in kwargs:
+        if kwargs.get("action") not in ("store_true", "store_false", argparse.BooleanOptionalAction) and (
+            "choices" not in kwargs
+        ):
             kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
         groups[group].add_argument(flag, dest=f"{group}__{name}", **kwargs)
     parser.set_defaults(func=run)

@@ -118,8 +118,14 @@ class OptimConfig:
     grad_clip_norm: float | None = None
     precision: str = "auto"
     accum_freq: int = 1
+    # AdamW's fused kernel: None = on CUDA only, as open_clip. True also on CPU, where it updates all parameters
+    # in one pass instead of one tensor op per parameter and statistic (the demo's step: 31 ms -> 7 ms).
+    # It changes the update only by float rounding.
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be true, false or null, got {self.fused!r}")
         if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.precision not in PRECISIONS:

@@ -232,7 +232,7 @@ def _setup(
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         param_groups(inner, o.wd), lr=o.lr, **adam_hparams(model.config.vision.kind, o.beta1, o.beta2, o.eps),
-        fused=info.device.type == "cuda",
+        fused=info.device.type == "cuda" if o.fused is None else o.fused,
     )  # fmt: skip
     position = _resume_position(cfg, info, saved) if saved else None
     tokenizer = model_tokenizer(model)  # None for OpenAI's BPE
