@@ -7,6 +7,12 @@
   records carry the size and mtime seen when it was built (`FileRecord.content_hashed` False), and those, the
   folders and the image check are what is verified.  A link re-pointed at `/etc/shadow`, or an image overwritten by
   something else, gets a 404 until `clip index` has seen the change.
+- A video is checked the same way except for its bytes: `open_video` verifies the folders, the size and mtime on
+  the open descriptor, and the container's signature (MP4/QuickTime, Matroska/WebM, AVI, MPEG, ASF, FLV), which
+  also gives its Content-Type.  Not its SHA-256 (a browser seeking sends a Range request per seek, and hashing a
+  multi-GB file for each is out of the question) and not a PyAV probe (each request would run FFmpeg's demuxers
+  over the file inside the server, for milliseconds to seconds): the size and mtime already tie the bytes to
+  what `clip index` decoded, and the 64-byte signature catches a file replaced by something that is no video.
 - Host allow-list against DNS rebinding: a page on an attacker's domain that resolves to 127.0.0.1 sends its
   own name in `Host:`, so requests are answered only for IP literals, `localhost`, the bound name and names
   added with `--allowed-host`.
@@ -103,6 +109,51 @@ def read_verified(info: FileRecord, roots: list[str]) -> tuple[bytes, str]:
     if media_type is None:
         raise FileChangedError("indexed file is not an image of a known type")
     return data, media_type
+
+
+# ISO base media brands / boxes that open an MP4 or QuickTime file (an old QuickTime file has no ftyp box).
+_BMFF_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
+_ASF = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
+
+
+def video_media_type(head: bytes) -> str | None:
+    """The Content-Type of a video container from its first 64 bytes, or None if it is not one."""
+    if head[4:8] in _BMFF_BOXES:
+        return "video/quicktime" if head[4:8] != b"ftyp" or head[8:12] == b"qt  " else "video/mp4"
+    if head[:4] == b"\x1aE\xdf\xa3":  # EBML: Matroska, or WebM by its DocType
+        return "video/webm" if b"webm" in head else "video/x-matroska"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video/x-msvideo"
+    if head[:4] in (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3"):  # MPEG program stream, MPEG video
+        return "video/mpeg"
+    if head[:16] == _ASF:
+        return "video/x-ms-wmv"
+    if head[:3] == b"FLV":
+        return "video/x-flv"
+    return None
+
+
+def open_video(info: FileRecord, roots: list[str]) -> tuple[int, str]:
+    """(open descriptor, media type) of the indexed video `info`, only while it is still the indexed file:
+    inside the indexed folders, the indexed size and mtime, a video container's signature.  The caller closes
+    the descriptor."""
+    real = check_unchanged(info, roots)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except OSError:
+        raise FileChangedError("indexed file is no longer readable") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (info.size, info.mtime_ns):
+            raise FileChangedError("indexed file changed since it was indexed; run `clip index` again")
+        media_type = video_media_type(os.pread(fd, 64, 0))
+        if media_type is None:
+            raise FileChangedError("indexed file is not a video container of a known type")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, media_type
 
 
 # ------------------------------------------------------------------------------------------- host check

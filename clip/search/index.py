@@ -175,6 +175,10 @@ class Index(AnnSearch):
         """(path, message) of every file that could not be read, sorted by path."""
         return self._store.errors()
 
+    def frame_times(self, path: str) -> list[float]:
+        """Times (seconds) of the indexed frames of the video `path` (exactly as indexed), in order."""
+        return self._store.frame_times(path)
+
     def vectors_of(self, ids: Sequence[int], target: str = "images") -> np.ndarray:
         """float32 [len(ids), D] stored vectors of `ids` (`Hit.id`); zeros for ids no longer indexed."""
         if target != "images":

@@ -3,10 +3,11 @@
 Endpoints (described at /openapi.json):
 
     GET  /                       the search page (static/index.html, no build step)
-    GET  /api/search?q=&k=&offset=    text query
-    POST /api/search/image?k=&offset= query by image: the body is the image file (or multipart field)
-    GET  /api/thumb?path=        a JPEG thumbnail, generated on first request and cached in IDX/thumbs
+    GET  /api/search?q=&k=&offset=&target=    text query (target: images, or captions where the index has them)
+    POST /api/search/image?k=&offset=&target= query by image: the body is the image file (or multipart field)
+    GET  /api/thumb?path=[&t=]   a JPEG thumbnail (of a video: of its frame at t), cached in IDX/thumbs
     GET  /api/image?path=        the original file
+    GET  /api/video?path=        an indexed video, with HTTP Range support (`clip.search.media`)
     GET  /api/info               index size, model and unreadable-file count
     POST /knn-service, POST /metadata, GET /indices-list    clip-retrieval's back-end protocol
                                  (`clip.search.retrieval_api`: its ClipClient and front end work against it)
@@ -24,6 +25,7 @@ queries are capped in length, and a failing search answers 500 with a message wh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.resources
 import io
 import logging
@@ -52,10 +54,12 @@ from clip.search.guard import (
     GuardMiddleware,
     allowed_host_names,
     check_unchanged,
+    open_video,
     read_verified,
     timed_h11_protocol,
 )
-from clip.search.index import Hit, Index
+from clip.search.hits import Hit
+from clip.search.index import Index
 from clip.search.store import FileRecord, thumb_name
 
 log = logging.getLogger("clip.search.server")
@@ -120,6 +124,11 @@ def _hit_json(index: Index, rank: int, hit: Hit) -> dict[str, Any]:
     q = quote(os.fsencode(hit.path), safe="")  # the name's own bytes, so non-UTF-8 names round-trip
     if info is not None:  # a new URL for new content: a browser never shows a cached picture of old bytes
         q += f"&v={info.sha256[:16]}"
+    if info is not None and info.is_video:  # a frame: its thumbnail, and the video to play from its time
+        return {"rank": rank, "id": hit.id, "path": _shown(hit.path), "name": _shown(os.path.basename(hit.path)),
+                "score": round(hit.score, 5), "time": hit.time, "width": info.width, "height": info.height,
+                "thumb": f"api/thumb?path={q}&t={hit.time!r}", "image": None, "video": f"api/video?path={q}",
+                **({"caption": hit.caption} if hit.caption is not None else {})}  # fmt: skip
     out = {
         "rank": rank,
         "id": hit.id,
@@ -262,6 +271,8 @@ class SearchApp:
                              "kind": index.kind, "captions": index.has_captions})  # fmt: skip
 
     async def openapi(self, request: Request) -> Response:
+        from clip.search.openapi import openapi_spec
+
         return JSONResponse(openapi_spec(self.limits))
 
     async def search_text(self, request: Request) -> Response:
@@ -274,20 +285,34 @@ class SearchApp:
                 400, f"query too long: {len(q)} characters, the limit is {self.limits.max_query_chars}"
             )
         k, offset = _page_params(request, self.limits)
-        hits = await run_in_threadpool(self.index.search_text, q, offset + k + 1)
-        return _page(self.index, hits, k, offset, {"query": q}, t0)
+        target = self._target(request)
+        hits = await run_in_threadpool(lambda: self.index.search_text(q, offset + k + 1, **target))
+        return _page(self.index, hits, k, offset, {"query": q, "target": target.get("target", "images")}, t0)
+
+    def _target(self, request: Request) -> dict[str, str]:
+        """The search's `target` as keyword arguments: {} for images, {"target": "captions"}; else ApiError."""
+        target = request.query_params.get("target") or "images"
+        if target not in ("images", "captions"):
+            raise ApiError(400, f"target must be images or captions, got {target[:40]!r}")
+        if target == "images":
+            return {}
+        if not self.index.has_captions:
+            raise ApiError(400, "this index holds no captions: target=captions needs an index built with "
+                           "`clip index --from-embeddings DIR` from a `clip embed --text` job")  # fmt: skip
+        return {"target": "captions"}
 
     async def search_image(self, request: Request) -> Response:
         t0 = time.perf_counter()
         k, offset = _page_params(request, self.limits)
+        target = self._target(request)
         data = await _upload_bytes(request, self.limits)
-        hits, shape = await self._bounded(self._search_upload, data, offset + k + 1)
-        extra = {"query": {"image": shape, "bytes": len(data)}}
+        hits, shape = await self._bounded(self._search_upload, data, offset + k + 1, target)
+        extra = {"query": {"image": shape, "bytes": len(data)}, "target": target.get("target", "images")}
         return _page(self.index, hits, k, offset, extra, t0)
 
-    def _search_upload(self, data: bytes, k: int) -> tuple[list[Hit], str]:
+    def _search_upload(self, data: bytes, k: int, target: dict[str, str]) -> tuple[list[Hit], str]:
         img = decode_upload(data, self.limits.max_upload_pixels, self.limits.max_upload_decode_bytes)
-        return self.index.search_image(img, k), f"{img.width}x{img.height}"
+        return self.index.search_image(img, k, **target), f"{img.width}x{img.height}"
 
     def _indexed(self, request: Request) -> FileRecord:
         """The index record of ?path=..., compared as an exact string; anything else is a 404.
@@ -305,6 +330,8 @@ class SearchApp:
     async def thumb(self, request: Request) -> Response:
         info = self._indexed(request)
         headers = {"Cache-Control": "private, max-age=86400"}
+        if info.is_video:
+            info = self._frame(info, request.query_params.get("t"))
         cached, data = await self.thumbnail(info)
         if data is None:
             return FileResponse(cached, media_type="image/jpeg", headers=headers)
@@ -313,6 +340,8 @@ class SearchApp:
     async def thumbnail(self, info: FileRecord) -> tuple[Any, bytes | None]:
         """(cached thumbnail path, None) or (path, new JPEG bytes) of an indexed file; ApiError 404 unless the
         file is still the indexed one (`clip.search.guard`)."""
+        if info.is_video:
+            return await self._frame_thumbnail(info)
         roots = self.index.roots
         size = self.limits.thumb_size
         cached = self.thumb_dir / thumb_name(info.sha256, size)
@@ -332,8 +361,64 @@ class SearchApp:
             log.warning("cannot cache thumbnail in %s: %s", self.thumb_dir, err)
         return cached, data
 
+    def _frame(self, info: FileRecord, t: str | None) -> FileRecord:
+        """The record of the indexed frame of video `info` at `t` seconds (default: its first); a time that is
+        no indexed frame's is a 404, so thumbnails are cached for indexed frames only."""
+        if t is None:
+            return info
+        try:
+            wanted = float(t)
+        except ValueError:
+            raise ApiError(400, f"t must be a number of seconds, got {t[:40]!r}") from None
+        times = self.index.frame_times(info.path)
+        match = next((x for x in times if abs(x - wanted) <= 1e-6), None)
+        if match is None:
+            raise ApiError(404, "no indexed frame of this video at that time")
+        return dataclasses.replace(info, time=match)
+
+    async def _frame_thumbnail(self, info: FileRecord) -> tuple[Any, bytes | None]:
+        """`thumbnail` for a video frame: decoded at its time from the checked descriptor, cached by time."""
+        from clip.search.media import frame_thumbnail
+
+        size = self.limits.thumb_size
+        cached = self.thumb_dir / f"{info.sha256}-{size}-t{round(info.time * 1000)}.jpg"
+        try:
+            fd, _ = await run_in_threadpool(open_video, info, self.index.roots)
+        except FileChangedError as err:
+            raise ApiError(404, str(err)) from None
+        try:
+            if cached.is_file():
+                return cached, None
+            data = await self._bounded(frame_thumbnail, fd, info.time, size)
+        except Exception:  # noqa: BLE001 - FFmpeg reports damage with many exception types
+            raise ApiError(404, "indexed video's frame could not be decoded") from None
+        finally:
+            os.close(fd)
+        try:
+            atomic_write_bytes(cached, data)
+        except OSError as err:
+            log.warning("cannot cache thumbnail in %s: %s", self.thumb_dir, err)
+        return cached, data
+
+    async def video(self, request: Request) -> Response:
+        """An indexed video's bytes, whole or one Range (206), while it is still the indexed file."""
+        from clip.search.media import video_response
+
+        info = self._indexed(request)
+        if not info.is_video:
+            raise ApiError(404, "not an indexed video")
+        try:
+            fd, media_type = await run_in_threadpool(open_video, info, self.index.roots)
+        except FileChangedError as err:
+            raise ApiError(404, str(err)) from None
+        return video_response(
+            fd, info, media_type, request.headers.get("range"), request.headers.get("if-range")
+        )
+
     async def image(self, request: Request) -> Response:
         info = self._indexed(request)
+        if info.is_video:  # never read a whole video into memory: its bytes come from api/video
+            raise ApiError(404, "an indexed video: fetch it from api/video")
         try:
             data, media_type = await run_in_threadpool(read_verified, info, self.index.roots)
         except FileChangedError as err:
@@ -342,7 +427,10 @@ class SearchApp:
 
 
 # The page loads nothing from elsewhere: scripts and styles inline, images from this server only.
-CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob:; connect-src 'self'"
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob:; "
+    "media-src 'self'; connect-src 'self'"
+)
 
 
 def _guard(handler: Any) -> Any:
@@ -384,6 +472,7 @@ def create_app(
         Route("/api/search/image", _guard(h.search_image), methods=["POST"]),
         Route("/api/thumb", _guard(h.thumb), methods=["GET"]),
         Route("/api/image", _guard(h.image), methods=["GET"]),
+        Route("/api/video", _guard(h.video), methods=["GET"]),
         Route("/api/info", _guard(h.info), methods=["GET"]),
         Route("/openapi.json", _guard(h.openapi), methods=["GET"]),
     ]
@@ -395,105 +484,6 @@ def create_app(
 def default_index_name(index: Index) -> str:
     """The name clip-retrieval's clients use for the index (`indice_name`): its folder's name."""
     return os.path.basename(os.path.realpath(index.root)) or "index"
-
-
-def openapi_spec(limits: ServerLimits) -> dict[str, Any]:
-    """OpenAPI 3.1 description of the JSON API."""
-    page = [
-        {"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": limits.max_k}},
-        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-    ]
-    result = {
-        "type": "object",
-        "properties": {
-            "query": {},
-            "k": {"type": "integer"},
-            "offset": {"type": "integer"},
-            "count": {"type": "integer", "description": "images in the index"},
-            "has_more": {"type": "boolean"},
-            "milliseconds": {"type": "number"},
-            "results": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "rank": {"type": "integer"},
-                        "path": {"type": "string"},
-                        "name": {"type": "string"},
-                        "score": {"type": "number", "description": "cosine similarity"},
-                        "width": {"type": "integer"},
-                        "height": {"type": "integer"},
-                        "thumb": {"type": "string", "description": "relative URL of a JPEG thumbnail"},
-                        "image": {"type": "string", "description": "relative URL of the original file"},
-                    },
-                },
-            },
-        },
-    }
-    ok = {"200": {"description": "results", "content": {"application/json": {"schema": result}}}}
-    err = {"description": "error", "content": {"application/json": {"schema": {"properties": {"error": {}}}}}}
-    path_param = [{"name": "path", "in": "query", "required": True, "schema": {"type": "string"}}]
-    from clip.search.retrieval_api import openapi_paths
-
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "clip serve",
-            "version": "1",
-            "description": "Search an image index by text or image.",
-        },
-        "paths": {
-            "/api/search": {
-                "get": {
-                    "summary": "Search by text",
-                    "parameters": [
-                        {
-                            "name": "q",
-                            "in": "query",
-                            "required": True,
-                            "schema": {"type": "string", "maxLength": limits.max_query_chars},
-                        },
-                        *page,
-                    ],
-                    "responses": {**ok, "400": err, "500": err},
-                }
-            },
-            "/api/search/image": {
-                "post": {
-                    "summary": "Search by image (body: the image file, or multipart/form-data with one file)",
-                    "parameters": page,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "image/*": {"schema": {"type": "string", "format": "binary"}},
-                            "multipart/form-data": {
-                                "schema": {"properties": {"image": {"type": "string", "format": "binary"}}}
-                            },
-                        },
-                    },
-                    "responses": {**ok, "400": err, "408": err, "413": err, "415": err, "500": err},
-                }
-            },
-            "/api/thumb": {
-                "get": {
-                    "summary": "JPEG thumbnail of an indexed file",
-                    "parameters": path_param,
-                    "responses": {"200": {"description": "image/jpeg"}, "404": err},
-                }
-            },
-            "/api/image": {
-                "get": {
-                    "summary": "An indexed file",
-                    "parameters": path_param,
-                    "responses": {"200": {"description": "the file"}, "404": err},
-                }
-            },
-            "/api/info": {
-                "get": {"summary": "Index size and model", "responses": {"200": {"description": "info"}}}
-            },
-            **openapi_paths(limits),
-        },
-    }
 
 
 def server_config(

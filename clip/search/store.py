@@ -290,6 +290,14 @@ class Store:
         )
         return _record_of(rows[0]) if rows else None
 
+    def frame_times(self, path: str) -> list[float]:
+        """Times (seconds) of the indexed frames of the video `path`, in order; empty for an image."""
+        rows = self._rows(
+            f"SELECT {self._time} FROM files WHERE path = ? AND {self._time} IS NOT NULL ORDER BY 1",
+            (db_path(path),),
+        )
+        return [r[0] for r in rows]
+
     def _columns(self) -> str:
         return f"path, size, mtime_ns, sha256, width, height, {self._time}"
 
