@@ -18,8 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Serve a web page to search IDX by text or by a dropped image, with a JSON API (/api/search, "
             "POST /api/search/image, described at /openapi.json), and clip-retrieval's back-end protocol "
-            "(POST /knn-service, POST /metadata, GET /indices-list) for its ClipClient and front end. Only "
-            "indexed files are ever served."
+            "(POST /knn-service, POST /metadata, GET /indices-list) for its ClipClient and front end. Video "
+            "hits play from their frame's time (/api/video, with HTTP Range); an index with captions gets a "
+            "caption-search toggle (target=captions). Only indexed files are ever served."
         ),
     )
     parser.add_argument("index", metavar="IDX", help="index folder made by `clip index`")
