@@ -86,9 +86,10 @@ def calibrate(model: CLIP, pairs: EmojiPairs, batch_size: int, choices: tuple[in
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)  # as the run's (`_train_config`)
-    batch = [pairs.get(j, 10**6) for j in range(min(batch_size, len(pairs)))]  # an unused epoch
-    images = torch.stack([b[0] for b in batch])
-    tokens = torch.stack([b[1] for b in batch])
+    positions = list(range(min(batch_size, len(pairs))))
+    images, tokens = pairs.get_batch(
+        positions, 10**6
+    )  # an unused epoch; the loop also prepares whole batches
 
     def step() -> None:
         img = F.normalize(model.encode_image(images), dim=-1)
@@ -99,7 +100,7 @@ def calibrate(model: CLIP, pairs: EmojiPairs, batch_size: int, choices: tuple[in
 
     competing = pace.runnable_others()  # sampled while this process is idle, before it loads the cores
     timings, data_wall, data_cpu = pace.time_choices(
-        step, lambda: [pairs.get(j, 10**6 + 1) for j in range(len(batch))], choices, torch.set_num_threads
+        step, lambda: pairs.get_batch(positions, 10**6 + 1), choices, torch.set_num_threads
     )
     return pace.Calibration(timings, data_wall, data_cpu, competing, pace.available_cpus())
 
@@ -120,7 +121,7 @@ def _plan(cfg: DemoConfig, model: CLIP, pairs: EmojiPairs, batch: int, budget_s:
     cache = None if cfg.timing_cache == "" else Path(cfg.timing_cache or pace.default_timing_cache())
     aug = [cfg.crop_scale, cfg.jitter, cfg.gray_blur, cfg.shade]
     key = pace.timing_key({"model": cfg.model.to_dict(), "batch": batch, "aug": aug, "workers": cfg.workers,
-                           "optimizer": "adamw-fused"})  # fmt: skip
+                           "optimizer": "adamw-fused", "data": "batched"})  # fmt: skip
     remembered, ratio = pace.read_remembered(cache, key) if cache else (None, None)
     ratio = ratio or pace.DEFAULT_LOOP_RATIO
     cal = calibrate(model, pairs, batch, pace.thread_choices(pace.available_cpus()))

@@ -42,6 +42,79 @@ def test_emoji_pairs_are_a_function_of_seed_epoch_index():
     assert int(a_tok.max()) == 49407
 
 
+def _one_at_a_time(pairs: EmojiPairs, i: int, epoch: int) -> torch.Tensor:
+    """The augmentation restated for one image, op by op (the pre-batching implementation)."""
+    import math
+
+    from PIL import Image as PILImage
+
+    from clip.preprocess import CLIP_MEAN, CLIP_STD
+
+    rng = np.random.default_rng([pairs.seed, epoch, i])
+    image = pairs.crop(PILImage.fromarray(pairs.data.images[int(pairs.indices[i])]), rng)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    b, c, s = 1 + pairs.jitter * (2 * rng.random(3) - 1)
+    m, gray = image.mean(), image.mean(dim=0, keepdim=True)
+    image = m + c * (gray + s * (image - gray) - m) + (b - 1) * 2.0
+    u = rng.random(2)
+    if u[0] < pairs.gray_blur:
+        image = image.mean(dim=0, keepdim=True).expand_as(image)
+    if u[1] < pairs.gray_blur:
+        image = torch.nn.functional.avg_pool2d(image[None], 3, 1, 1, count_include_pad=False)[0]
+    angle, strength = (float(v) for v in rng.random(2) * np.array([2 * np.pi, pairs.shade]))
+    axis = torch.linspace(-1.0, 1.0, image.shape[-1])
+    ramp = 1 + strength * (math.cos(angle) * axis[None, :] + math.sin(angle) * axis[:, None])
+    pixels = image * std + mean
+    pixels = torch.where((pixels < 0.95).any(dim=0), (pixels * ramp).clamp(0, 1), pixels)
+    return (pixels - mean) / std
+
+
+def test_a_batch_equals_its_samples_one_at_a_time():
+    """get_batch runs the pixel work on the whole batch; each sample still depends only on (seed, epoch, index)."""
+    from clip.train.data import IndexedPairs
+
+    data = load_emoji()
+    pairs = EmojiPairs(data, data.train_indices()[:300], context_length=32, seed=4, jitter=0.3, gray_blur=0.5,
+                       shade=0.4)  # fmt: skip
+    positions = [3, 250, 17, 99, 100, 5, 42, 211]
+    images, tokens = pairs.get_batch(positions, 6)
+    assert images.shape == (8, 3, 32, 32) and tokens.shape == (8, 32) and tokens.dtype == torch.int32
+    for j, i in enumerate(positions):
+        torch.testing.assert_close(images[j], _one_at_a_time(pairs, i, 6), rtol=0, atol=1e-5)
+        alone_img, alone_tok = pairs.get(i, 6)
+        torch.testing.assert_close(alone_img, images[j], rtol=0, atol=1e-6)
+        assert torch.equal(alone_tok, tokens[j])
+    # The DataLoader's batched fetch goes through get_batch, with the keys and order of item-by-item fetching.
+    items = [(6, 0, i) for i in positions]
+    view = IndexedPairs(pairs)
+    for got, want in zip(view.__getitems__(items), [view[it] for it in items], strict=True):
+        assert got[:3] == want[:3] and torch.equal(got[4], want[4])
+        torch.testing.assert_close(got[3], want[3], rtol=0, atol=1e-6)
+
+
+class _Flaky:
+    """A data set whose batched path fails: the batch is retried item by item, and the bad item alone skipped."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def get(self, i: int, epoch: int):
+        if i == 2:
+            raise ValueError("sample 2 is unreadable")
+        return torch.full((3, 2, 2), float(i)), torch.zeros(4, dtype=torch.int32)
+
+    def get_batch(self, indices, epoch):
+        raise ValueError("one of them is unreadable")
+
+
+def test_a_failing_batch_falls_back_to_items():
+    from clip.train.data import IndexedPairs
+
+    out = IndexedPairs(_Flaky()).__getitems__([(0, 0, i) for i in range(4)])
+    assert [len(o) for o in out] == [5, 5, 4, 5] and "unreadable" in out[2][3]
+    assert float(out[3][3][0, 0, 0]) == 3.0
+
+
 def test_subset_concepts_keeps_images_with_their_concepts():
     data = load_emoji()
     keep = np.array([5, 100, 900])

@@ -63,50 +63,78 @@ class EmojiPairs:
         return f"{style}/{self.data.codepoints[self.data.image_concept[row]]}"
 
     def get(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, epoch, i])
-        row = int(self.indices[i])
-        image = self.crop(Image.fromarray(self.data.images[row]), rng)  # [3, S, S], normalised
+        images, tokens = self.get_batch([i], epoch)
+        return images[0], tokens[0]
+
+    def get_batch(self, positions: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples `positions` of `epoch` at once: images float [B, 3, S, S], token ids int32 [B, L].
+
+        Each sample's random draws come from its own generator, in the same order as one at a time, so a batch
+        equals its samples' `get`; the pixel work then runs on the whole batch (the training loop's DataLoader
+        calls this through `__getitems__`), an order of magnitude fewer tensor ops than sample by sample.
+        """
+        crops, draws, captions = [], [], []
+        for i in positions:
+            rng = np.random.default_rng([self.seed, epoch, i])
+            row = int(self.indices[i])
+            box = self.crop.get_params(self.data.size, self.data.size, rng)
+            crops.append(_crop_pixels(self.data.images[row], box, self.data.size))
+            draws.append([*(rng.random(3) if self.jitter > 0 else ()), *(rng.random(2) if self.gray_blur > 0 else ()),
+                          *(rng.random(2) if self.shade > 0 else ())])  # fmt: skip
+            captions.append(sample_caption(self.concepts[int(self.data.image_concept[row])], rng))
+        images = to_tensor_normalized(np.stack(crops))  # [B, 3, S, S]
+        u = torch.tensor(np.asarray(draws, dtype=np.float64)).float().reshape(len(positions), -1)
         if self.jitter > 0:
-            image = self._jitter(image, rng)
+            images, u = self._jitter(images, u[:, :3]), u[:, 3:]
         if self.gray_blur > 0:
-            image = self._gray_blur(image, rng)
+            images, u = self._gray_blur(images, u[:, :2]), u[:, 2:]
         if self.shade > 0:
-            image = self._shade(image, rng)
-        caption = sample_caption(self.concepts[int(self.data.image_concept[row])], rng)
-        tokens = tokenize([caption], context_length=self.context_length, truncate=True)[0]
-        return image, tokens
+            images = self._shade(images, u[:, :2])
+        tokens = tokenize(captions, context_length=self.context_length, truncate=True)
+        return images, tokens
 
-    def _gray_blur(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def _gray_blur(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """With probability `gray_blur` each: drop colour, and blur with a 3x3 box (shape over outlines)."""
-        u = rng.random(2)
-        if u[0] < self.gray_blur:
-            image = image.mean(dim=0, keepdim=True).expand_as(image).contiguous()
-        if u[1] < self.gray_blur:
-            image = torch.nn.functional.avg_pool2d(
-                image[None], 3, stride=1, padding=1, count_include_pad=False
-            )[0]
-        return image
+        gray = (u[:, 0] < self.gray_blur)[:, None, None, None]
+        images = torch.where(gray, images.mean(dim=1, keepdim=True).expand_as(images), images)
+        blur = (u[:, 1] < self.gray_blur)[:, None, None, None]
+        blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+        return torch.where(blur, blurred, images)
 
-    def _shade(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def _shade(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Light the drawing from a random side: scale the non-white pixels by a linear ramp 1 +- `shade`
         across the image (flat vector art made to look lit, like the held-out 3-D renders)."""
-        angle, strength = (float(v) for v in rng.random(2) * np.array([2 * np.pi, self.shade]))
+        angle, strength = (u[:, 0].double() * 2 * math.pi).float(), u[:, 1] * self.shade  # [B]
         axis = self._axis
-        ramp = 1 + strength * (math.cos(angle) * axis[None, :] + math.sin(angle) * axis[:, None])  # [S, S]
-        mean, std = self._mean, self._std
-        pixels = image * std + mean
-        ink = (pixels < 0.95).any(dim=0)  # [S, S]: not the white background
-        pixels = torch.where(ink, (pixels * ramp).clamp(0, 1), pixels)
-        return (pixels - mean) / std
+        ramp = 1 + strength[:, None, None] * (
+            angle.cos()[:, None, None] * axis[None, None, :]
+            + angle.sin()[:, None, None] * axis[None, :, None]
+        )  # [B, S, S]
+        pixels = images * self._std + self._mean
+        ink = (pixels < 0.95).any(dim=1, keepdim=True)  # [B, 1, S, S]: not the white background
+        pixels = torch.where(ink, (pixels * ramp[:, None]).clamp(0, 1), pixels)
+        return (pixels - self._mean) / self._std
 
-    def _jitter(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Brightness, contrast and saturation jitter applied in normalised space (cheap, 3 scalars)."""
-        b, c, s = 1 + self.jitter * (2 * rng.random(3) - 1)  # each in [1 - jitter, 1 + jitter]
-        mean = image.mean()
-        gray = image.mean(dim=0, keepdim=True)
-        image = gray + s * (image - gray)
-        image = mean + c * (image - mean)
-        return image + (b - 1) * 2.0  # brightness: a shift of up to +-jitter x 2 std units
+    def _jitter(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast and saturation jitter applied in normalised space (cheap, 3 scalars each)."""
+        b, c, s = (1 + self.jitter * (2 * u - 1)).T[
+            :, :, None, None, None
+        ]  # each [B, 1, 1, 1] in 1 +- jitter
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        gray = images.mean(dim=1, keepdim=True)
+        images = gray + s * (images - gray)
+        images = mean + c * (images - mean)
+        return images + (b - 1) * 2.0  # brightness: a shift of up to +-jitter x 2 std units
+
+
+def _crop_pixels(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> the crop `box` (top, left, height, width) resized to [size, size, 3] (bicubic, PIL),
+    as `RandomResizedCrop.apply` does before normalising."""
+    top, left, h, w = box
+    img = Image.fromarray(pixels).crop((left, top, left + w, top + h))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img)
 
 
 def eval_images(data: EmojiData, indices: np.ndarray) -> torch.Tensor:

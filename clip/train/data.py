@@ -288,6 +288,22 @@ class IndexedPairs(torch.utils.data.Dataset):
             return epoch, step, key, skip_reason(err)
         return epoch, step, key, image, tokens
 
+    def __getitems__(self, items: list[tuple[int, int, int]]) -> list[tuple]:
+        """A whole micro-batch (the DataLoader calls this when it exists): through `dataset.get_batch(indices,
+        epoch)` -> (images [B, ...], tokens [B, L]) when the data set has one (in-memory data sets augment a batch
+        in a few tensor ops), else item by item. A failing batch is retried item by item, so one bad sample is
+        skipped as always, never the batch."""
+        get_batch = getattr(self.dataset, "get_batch", None)
+        if not callable(get_batch) or len({it[0] for it in items}) != 1:
+            return [self[it] for it in items]
+        epoch, indices = items[0][0], [it[2] for it in items]
+        try:
+            images, tokens = get_batch(indices, epoch)
+        except (ValueError, OSError):
+            return [self[it] for it in items]
+        return [(e, step, sample_key(self.dataset, i), images[j], tokens[j])
+                for j, (e, step, i) in enumerate(items)]  # fmt: skip
+
 
 def collate_indexed(items: list[tuple]) -> Batch:
     """collate_fn for `IndexedPairs` items (all from one micro-batch, so one epoch and step)."""
