@@ -431,8 +431,9 @@ def write_report(out: str, collection: Collection, run_stats: list[dict]) -> dic
     return report
 
 
-def print_summary(report: dict, out: str, file: Any = sys.stdout) -> None:
-    """A few lines for the terminal: totals, this run's speed, the first skipped inputs."""
+def print_summary(report: dict, out: str, file: Any = None) -> None:
+    """A few lines for the terminal (`file`, default the current sys.stdout): totals, speed, skipped inputs."""
+    file = sys.stdout if file is None else file  # read per call: a default bound at import goes stale
     run = report["last_run"]
     rate = (
         f" ({run['images_per_second']} images/s on {run['world_size']} rank(s))"
