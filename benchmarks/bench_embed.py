@@ -3,8 +3,8 @@ fp32, bf16 and int8, with each one's agreement with fp32.
 
     python benchmarks/bench_embed.py --images 1000 --queries 100 --threads 2 --workers 2
 
-Run it alone on an idle machine (about 15 minutes at 1,000 images on 2 cores): every variant is timed once, in
-turn, and a neighbour's burst lands on whichever runs then; the 1-minute load average before and after each
+Run it alone on an idle machine (estimated 15 minutes at 1,000 images on 2 cores; not yet run at that size).
+Every variant is timed once, in turn, and a neighbour's burst lands on whichever runs then; the 1-minute load average before and after each
 measurement is in its line.
 
 The same folder of synthetic photos (JPEG 640x480, `benchmarks/bench_search.py`'s `write_photos`) and the same
