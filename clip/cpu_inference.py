@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CPU_PRECISIONS = ("fp32", "bf16", "int8")
+from clip.runtime import CPU_PRECISIONS
 
 
 def _check_precision(precision: str) -> None:

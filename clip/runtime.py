@@ -14,6 +14,10 @@ import contextlib
 import torch
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+# Inference on the CPU through `clip.optimize_for_cpu` (int8: dynamically quantised linear layers, CPU only).
+CPU_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+# What `clip embed` / `clip index --precision` take: autocast names on a GPU, plus int8 on the CPU.
+INFERENCE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 TRAIN_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "amp_bf16", "amp_fp16")
 _DTYPES = {
     "bf16": torch.bfloat16,

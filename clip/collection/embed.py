@@ -27,10 +27,10 @@ from clip.collection import shards
 from clip.collection.sources import Collection, Sample, Unit, decode, require_pyarrow
 from clip.collection.video import VideoOptions
 from clip.cpu_inference import CPUInferenceModel
+from clip.runtime import INFERENCE_PRECISIONS
 
 JOB_FORMAT = 1
 MAX_LISTED_ERRORS = 20
-EMBED_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ class EmbedConfig:
             )
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
-        if self.precision not in EMBED_PRECISIONS:
+        if self.precision not in INFERENCE_PRECISIONS:
             raise ValueError(
-                f"unknown precision {self.precision!r}; use one of {', '.join(EMBED_PRECISIONS)}"
+                f"unknown precision {self.precision!r}; use one of {', '.join(INFERENCE_PRECISIONS)}"
             )
         self.video_options()  # checks the video options
         if self.precision == "int8" and self.device == "cuda":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clip.runtime import INFERENCE_PRECISIONS
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -35,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16", "int8"),
+        choices=INFERENCE_PRECISIONS,
         default="fp32",
         help="fp32 (exact, default); bf16: on the CPU bf16 weights (AVX512-BF16), on a GPU autocast; fp16: "
         "autocast; int8: CPU only, dynamically quantised linear layers (VNNI). Not fp32: the first batch is "

@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clip.cpu_inference import CPU_PRECISIONS, cosine_agreement, optimize_for_cpu
+from clip.cpu_inference import cosine_agreement, optimize_for_cpu
 from clip.model import CLIP
-from clip.runtime import PRECISIONS, autocast, resolve_device
+from clip.runtime import CPU_PRECISIONS, INFERENCE_PRECISIONS, autocast, resolve_device
 
 # Bumped whenever the way images are read or vectors are computed changes: old indexes then refuse to mix.
 IDENTITY_VERSION = "clip-search-identity-v1"
 LOAD_POLICY = "load_image(exif=True)"
 # The precisions an index can be built at: clip.runtime's autocast names and clip.cpu_inference's CPU ones.
-INDEX_PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(PRECISIONS + CPU_PRECISIONS))
+INDEX_PRECISIONS = INFERENCE_PRECISIONS  # the names `clip embed` takes (`clip.runtime`)
 AGREEMENT_IMAGES = 16  # images embedded a second time in fp32, to measure a precision's agreement
 # The per-image cosine with fp32 a lower precision is expected to keep (ViT-B/32 measures >= 0.9999 at bf16
 # and int8, see README "CPU precision"); `clip index` says so when a run measures less.
