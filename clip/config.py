@@ -60,7 +60,9 @@ class VisionConfig:
     "avg": mean of the patch tokens, "map": SigLIP's attention-pool head), `final_ln_after_pool`,
     `class_token` (SigLIP has none), `patch_bias` (bias on the patch conv), `proj` (a final
     [width, embed_dim] projection; SigLIP has none), `norm_eps`, `gelu_approximate` (used when the
-    model does not run QuickGELU).
+    model does not run QuickGELU). `conv_stem`: channel widths of 3x3 stride-2 convolutions that replace the
+    patch conv ("early convolutions", Xiao et al. 2021; one per halving, so 2 ** len == patch_size), then a 1x1
+    conv to the width; empty = the patch conv (every published CLIP).
     """
 
     kind: Literal["vit", "resnet"] = "vit"
@@ -79,11 +81,15 @@ class VisionConfig:
     proj: bool = True
     norm_eps: float = 1e-5
     gelu_approximate: GeluApprox = "none"
+    conv_stem: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("vision kind", self.kind, ("vit", "resnet"))
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.conv_stem, list):
+            object.__setattr__(self, "conv_stem", tuple(self.conv_stem))
+        self._check_conv_stem()
         for name in ("image_size", "width", "heads", "patch_size"):
             _check_int(f"vision {name}", getattr(self, name))
         _check_float("vision mlp_ratio", self.mlp_ratio)
@@ -113,6 +119,17 @@ class VisionConfig:
                 raise ValueError("pool_type 'tok' needs a class token; use 'avg' or 'map'")
         if (self.width * (32 if self.kind == "resnet" else 1)) % self.heads:
             raise ValueError(f"vision width {self.width} does not split into {self.heads} heads")
+
+    def _check_conv_stem(self) -> None:
+        if not isinstance(self.conv_stem, tuple):
+            raise ValueError(f"vision conv_stem must be a list of channel widths, got {self.conv_stem!r}")
+        for c in self.conv_stem:
+            _check_int("vision conv_stem width", c)
+        if self.conv_stem and (self.kind != "vit" or 2 ** len(self.conv_stem) != self.patch_size):
+            raise ValueError(
+                f"vision conv_stem {list(self.conv_stem)} needs a ViT whose patch_size is 2 ** {len(self.conv_stem)}"
+                f" (one stride-2 convolution per halving), got kind={self.kind!r}, patch_size={self.patch_size}"
+            )
 
     @property
     def grid(self) -> int:

@@ -215,6 +215,11 @@ def config_to_hf_config(cfg: CLIPConfig, logit_scale: float = 2.6592) -> dict[st
     """CLIPConfig -> a Hugging Face `config.json` dict that `CLIPModel.from_pretrained` reads."""
     if cfg.vision.kind != "vit":
         raise ValueError("Hugging Face CLIPModel has no ResNet image tower; only ViT models convert to HF")
+    if cfg.vision.conv_stem:
+        raise ValueError(
+            "Hugging Face CLIPModel has no convolutional stem (vision conv_stem); keep this model in our format "
+            "(clip.save_model) or export it to ONNX (clip export)"
+        )
     act = "quick_gelu" if cfg.quick_gelu else "gelu"
     t, v = cfg.text, cfg.vision
     return {

@@ -32,6 +32,7 @@ def build_vision_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool) -> n
         mlp_ratio=cfg.mlp_ratio, ls_init_value=cfg.ls_init_value, no_ln_pre=cfg.no_ln_pre,
         pool_type=cfg.pool_type, final_ln_after_pool=cfg.final_ln_after_pool, class_token=cfg.class_token,
         patch_bias=cfg.patch_bias, proj=cfg.proj, norm_eps=cfg.norm_eps, gelu_approximate=cfg.gelu_approximate,
+        conv_stem=cfg.conv_stem,
     )  # fmt: skip
 
 

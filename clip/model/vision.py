@@ -42,6 +42,29 @@ class MAPHead(nn.Module):
         return (a + self.mlp(self.ln(a)))[:, 0]
 
 
+class ConvStem(nn.Module):
+    """Early convolutions in place of the patch conv (Xiao et al. 2021): 3x3 stride-2 convs with GELU, each
+    halving the grid, then a 1x1 conv to the width.  image [N, 3, H, W] -> [N, width, H / 2^k, W / 2^k]."""
+
+    def __init__(self, channels: tuple[int, ...], width: int, bias: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GELU()]
+            c_in = c
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, width, 1, bias=bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The last conv's weight: `CLIP.dtype` reads `visual.conv1.weight`, as openai/CLIP does."""
+        return self.proj.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(x))
+
+
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify, (class token), Transformer on `[L, N, D]`, pool, project.
 
@@ -54,7 +77,7 @@ class VisionTransformer(nn.Module):
         *, quick_gelu: bool = True, mlp_ratio: float = 4.0, ls_init_value: float | None = None,
         no_ln_pre: bool = False, pool_type: str = "tok", final_ln_after_pool: bool = False,
         class_token: bool = True, patch_bias: bool = False, proj: bool = True, norm_eps: float = 1e-5,
-        gelu_approximate: str = "none",
+        gelu_approximate: str = "none", conv_stem: tuple[int, ...] = (),
     ) -> None:  # fmt: skip
         super().__init__()
         self.input_resolution = input_resolution
@@ -62,7 +85,10 @@ class VisionTransformer(nn.Module):
         self.output_dim = output_dim
         self.pool_type = pool_type
         self.final_ln_after_pool = final_ln_after_pool
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=patch_bias)
+        if conv_stem:
+            self.conv1: nn.Module = ConvStem(tuple(conv_stem), width, patch_bias)
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=patch_bias)
         scale = width**-0.5
         grid = input_resolution // patch_size
         self.num_prefix_tokens = 1 if class_token else 0
