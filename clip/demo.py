@@ -45,7 +45,10 @@ from clip.model import CLIP
 # The demo architecture, chosen by the measurements recorded in docs/demo-experiments.md.
 DEMO_MODEL = CLIPConfig(
     embed_dim=128,
-    vision=VisionConfig(kind="vit", image_size=32, width=128, layers=4, heads=2, patch_size=8),
+    # Early convolutions instead of the 8x8 patch conv: held-out style 18.3 / 14.5 -> 22.9 / 22.8 (two seeds).
+    vision=VisionConfig(
+        kind="vit", image_size=32, width=128, layers=4, heads=2, patch_size=8, conv_stem=(32, 64, 128)
+    ),
     text=TextConfig(context_length=32, vocab_size=49408, width=128, heads=2, layers=3),
     quick_gelu=False,
 )
