@@ -253,6 +253,8 @@ def report_markdown(results: dict[str, Any]) -> str:
 def describe_model(model: dict[str, Any]) -> str:
     v, t = model["vision"], model["text"]
     tower = f"ViT {v['layers']}x{v['width']}, patch {v['patch_size']}" if v["kind"] == "vit" else "ResNet"
+    if v.get("conv_stem"):
+        tower += " from early convolutions " + "-".join(str(c) for c in v["conv_stem"])
     return (
         f"{tower} at {v['image_size']} px; text {t['layers']}x{t['width']}; {model['embed_dim']}-d embedding"
     )
