@@ -156,3 +156,26 @@ def test_bad_video_options_say_what_to_do(tmp_path, tiny_checkpoint, capsys):
                  "--frame-interval", "0"])  # fmt: skip
     assert code == 2
     assert "--frame-interval must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_index_from_embeddings_gives_file_and_time_hits(tmp_path, tiny_checkpoint, one_thread):
+    """`clip index --from-embeddings` on a job with videos: a hit on a frame is (the video, its time)."""
+    from clip.search.index import Index
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    write_video(folder / "clip.mp4")
+    Image.new("RGB", (48, 40), (128, 128, 128)).save(folder / "still.png")
+    out = tmp_path / "out"
+    embed([str(folder), "--model", str(tiny_checkpoint), "--output", str(out), "--frame-interval", "0.5"])
+    assert main(["index", "--from-embeddings", str(out), "--index", str(tmp_path / "idx")]) == 0
+    with Index.open(tmp_path / "idx") as idx:
+        for scene, (colour, _, _) in enumerate(SCENES):
+            query = tmp_path / f"q{scene}.png"
+            Image.new("RGB", (64, 64), colour).save(query)
+            top = idx.search_image(query, k=2)
+            assert all(h.path == str(folder / "clip.mp4") and h.time is not None for h in top)
+            assert all(colour_at(h.time) == scene for h in top)
+            assert top[0].to_dict()["time"] == pytest.approx(top[0].time)
+        still = [h for h in idx.search_image(folder / "still.png", k=12) if h.path.endswith("still.png")]
+        assert len(still) == 1 and still[0].time is None

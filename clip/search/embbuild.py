@@ -161,7 +161,7 @@ def write_rows(source: Path, root: Path, token: str, shard_list: list[dict], dim
         names["captions"] = f"captions-{token}.npy"
     schema = pa.schema([("key", pa.string()), ("path", pa.string()), ("tar", pa.string()),
                         ("caption", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                        ("size", pa.int64()), ("mtime_ns", pa.int64())])  # fmt: skip
+                        ("size", pa.int64()), ("mtime_ns", pa.int64()), ("frame_time", pa.float64())])  # fmt: skip
     hashes = np.empty(n, dtype=np.int64)
     folders: dict[str, str] = {}
     start = 0
@@ -176,7 +176,9 @@ def write_rows(source: Path, root: Path, token: str, shard_list: list[dict], dim
             text = np.lib.format.open_memmap(cap_tmp, mode="w+", dtype=np.float16, shape=(n, dim))
         for i, s in enumerate(shard_list):
             cols = [*META_COLUMNS, "text_emb"] if captions else list(META_COLUMNS)
-            table = pq.read_table(source / "metadata" / f"{s['name']}.parquet", columns=cols)
+            part = source / "metadata" / f"{s['name']}.parquet"
+            has_time = "frame_time" in pq.read_schema(part).names  # shards from before videos have none
+            table = pq.read_table(part, columns=[*cols, "frame_time"] if has_time else cols)
             if table.num_rows != s["rows"]:
                 raise ValueError(f"{source}/metadata/{s['name']}.parquet has {table.num_rows} rows for "
                                  f"{s['rows']} embeddings; rerun `clip embed` into {source}")  # fmt: skip
@@ -192,6 +194,9 @@ def write_rows(source: Path, root: Path, token: str, shard_list: list[dict], dim
             arrays += [
                 pa.array([a for a, _ in stats], pa.int64()),
                 pa.array([b for _, b in stats], pa.int64()),
+                table.column("frame_time").combine_chunks().cast(pa.float64())
+                if has_time
+                else pa.nulls(table.num_rows, pa.float64()),  # a video frame's time: hits are (file, time)
             ]
             writer.write_batch(pa.record_batch(arrays, schema=schema))
             if text is not None:

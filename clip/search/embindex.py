@@ -284,7 +284,9 @@ class EmbeddingsIndex:
 
         metas = self._meta.get(rows.tolist())
         return [
-            Hit(display_path(m), float(s), int(r), m["caption"])
+            Hit(
+                display_path(m), float(s), int(r), m["caption"], m.get("frame_time")
+            )  # no time: built before videos
             for r, s, m in zip(rows, scores, metas, strict=True)
         ]
 
