@@ -228,6 +228,19 @@ def test_many_lists_use_an_hnsw_quantiser_with_the_same_recall(tmp_path, monkeyp
         found[threshold] = index.topk(vectors, torch.from_numpy(x[:20].astype(np.float32)), 10)
     assert quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
     assert quantizer.hnsw.efSearch == max(ivf.HNSW_MIN_EF, 2 * info["nprobe"])
+    seen = []  # adding looks lists up with the cheaper HNSW_ADD_EF, and leaves the search setting as it was
+    real_add = type(index.index).add_with_ids
+
+    def spy(self, *args):
+        seen.append(quantizer.hnsw.efSearch)
+        return real_add(self, *args)
+
+    monkeypatch.setattr(type(index.index), "add_with_ids", spy)
+    index.add(vectors, chunk_rows=4_000)
+    assert seen == [ivf.HNSW_ADD_EF] * 2 and quantizer.hnsw.efSearch == max(
+        ivf.HNSW_MIN_EF, 2 * info["nprobe"]
+    )
+    monkeypatch.undo()
     same = [len(set(a[0]) & set(b[0])) for a, b in zip(found[10**9], found[64], strict=True)]
     assert sum(same) >= 0.95 * 200
     index.save(tmp_path / "i.faiss")
