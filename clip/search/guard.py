@@ -82,22 +82,26 @@ def check_unchanged(info: FileRecord, roots: list[str]) -> str:
     return real
 
 
-def read_verified(info: FileRecord, roots: list[str]) -> tuple[bytes, str]:
-    """(bytes, media type) of the indexed file, only if they are exactly what was indexed.
-
-    The file is opened without following a link in its last component (the resolved path was checked), its
-    open descriptor is checked for size and mtime, its bytes for the indexed SHA-256 and for an image header.
-    """
+def _open_unchanged(info: FileRecord, roots: list[str]) -> int:
+    """An open descriptor of the indexed file: opened without following a link in its last component (the
+    resolved path was checked), the descriptor itself checked for the indexed size and mtime. The caller closes it."""
     real = check_unchanged(info, roots)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(real, flags)
     except OSError:
         raise FileChangedError("indexed file is no longer readable") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (info.size, info.mtime_ns):
-            raise FileChangedError("indexed file changed since it was indexed; run `clip index` again")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (info.size, info.mtime_ns):
+        os.close(fd)
+        raise FileChangedError("indexed file changed since it was indexed; run `clip index` again")
+    return fd
+
+
+def read_verified(info: FileRecord, roots: list[str]) -> tuple[bytes, str]:
+    """(bytes, media type) of the indexed file, only if they are exactly what was indexed: the descriptor of
+    `_open_unchanged`, then the bytes checked for the indexed SHA-256 and for an image header."""
+    with os.fdopen(_open_unchanged(info, roots), "rb") as f:
         data = f.read(info.size + 1)
     if len(data) != info.size or (info.content_hashed and hashlib.sha256(data).hexdigest() != info.sha256):
         raise FileChangedError("indexed file's content changed since it was indexed; run `clip index` again")
@@ -137,16 +141,8 @@ def open_video(info: FileRecord, roots: list[str]) -> tuple[int, str]:
     """(open descriptor, media type) of the indexed video `info`, only while it is still the indexed file:
     inside the indexed folders, the indexed size and mtime, a video container's signature.  The caller closes
     the descriptor."""
-    real = check_unchanged(info, roots)
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = _open_unchanged(info, roots)
     try:
-        fd = os.open(real, flags)
-    except OSError:
-        raise FileChangedError("indexed file is no longer readable") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (info.size, info.mtime_ns):
-            raise FileChangedError("indexed file changed since it was indexed; run `clip index` again")
         media_type = video_media_type(os.pread(fd, 64, 0))
         if media_type is None:
             raise FileChangedError("indexed file is not a video container of a known type")
