@@ -23,6 +23,19 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_video_arguments(parser: argparse.ArgumentParser, frame_rows: str, cut: str) -> None:
+    """--frame-interval and --max-frames-per-video (`clip embed`, `clip index`): `frame_rows` says what each
+    frame becomes, `cut` what happens to the frames past the cap."""
+    parser.add_argument(
+        "--frame-interval", type=float, default=1.0, metavar="S",
+        help=f"videos (.mp4, .webm, .mkv, .mov, ...): embed one frame every S seconds (default 1.0); {frame_rows}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-frames-per-video", type=int, default=10_000, metavar="N",
+        help=f"stop a video after N frames (default 10000); {cut}",
+    )  # fmt: skip
+
+
 def add_precision_argument(parser: argparse.ArgumentParser, choices: tuple[str, ...] = PRECISIONS) -> None:
     parser.add_argument("--precision", default="fp32", choices=choices, help="autocast dtype (default fp32)")
 

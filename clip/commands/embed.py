@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from clip.commands.common import add_video_arguments
 from clip.runtime import INFERENCE_PRECISIONS
 
 
@@ -52,15 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--csv-img-key", default="filepath", help="image-path column (default filepath)")
     parser.add_argument("--csv-caption-key", default="caption", help="caption column (default caption)")
     parser.add_argument("--csv-separator", help="column separator (default: tab for .tsv, else comma)")
-    parser.add_argument(
-        "--frame-interval", type=float, default=1.0, metavar="S",
-        help="videos (.mp4, .webm, .mkv, .mov, ...): embed one frame every S seconds (default 1.0); each frame "
-        "is a row keyed PATH#t=SECONDS with metadata columns frame_time and video",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-frames-per-video", type=int, default=10_000, metavar="N",
-        help="stop a video after N frames (default 10000); the rest is reported",
-    )  # fmt: skip
+    add_video_arguments(
+        parser,
+        "each frame is a row keyed PATH#t=SECONDS with metadata columns frame_time and video",
+        "the rest is reported",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)
 

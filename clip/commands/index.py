@@ -8,7 +8,7 @@ import os
 import sys
 
 from clip.cli import CLIError
-from clip.commands.common import add_device_argument
+from clip.commands.common import add_device_argument, add_video_arguments
 from clip.commands.output import print_line
 
 MAX_LISTED_ERRORS = 20
@@ -66,15 +66,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="build an approximate (FAISS) index: auto = from 100,000 images when faiss is installed "
         "(with --from-embeddings: always = even below that)",
     )
-    parser.add_argument(
-        "--frame-interval", type=float, default=1.0, metavar="S",
-        help="videos: embed one frame every S seconds (default 1.0), each a search hit of its own (file, time); "
-        "changing it embeds the videos again",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-frames-per-video", type=int, default=10_000, metavar="N",
-        help="stop a video after N frames (default 10000); the rest is left out, with a note",
-    )  # fmt: skip
+    add_video_arguments(
+        parser,
+        "each frame is a search hit of its own (file, time); changing it embeds the videos again",
+        "the rest is left out, with a note",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)
 
