@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -63,6 +64,24 @@ def has_time_column(con: sqlite3.Connection) -> bool:
     return any(r[1] == "time" for r in con.execute("PRAGMA table_info(files)"))
 
 
+def _use_wal(con: sqlite3.Connection, wait_s: float = 60.0) -> None:
+    """Switch the database to WAL (a lasting property of the file) unless it is already.
+
+    Changing the journal mode needs the database to itself, and SQLite answers "database is locked" at once,
+    without waiting out the busy timeout, while another process is creating the same index: wait and retry.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def connect(db: Path) -> tuple[sqlite3.Connection, bool]:
     """(connection, read_only) to the index database `db`, created, initialised and migrated when writable.
 
@@ -70,7 +89,7 @@ def connect(db: Path) -> tuple[sqlite3.Connection, bool]:
     """
     con = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=60)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
+        _use_wal(con)
         con.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just SIGKILL
         con.executescript(SCHEMA)
         # INSERT OR IGNORE in one transaction: two processes creating one index cannot reset each other's
