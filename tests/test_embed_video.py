@@ -27,6 +27,7 @@ SCENES = [((220, 30, 30), 0.0, 1.5), ((30, 200, 40), 1.5, 3.0), ((40, 50, 230), 
 
 def write_video(path: Path, scenes=SCENES, size: int = 64) -> None:
     """A video of solid-colour scenes at FPS frames a second (MPEG-4 part 2: in every FFmpeg build)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("mpeg4", rate=FPS)
         stream.width = stream.height = size

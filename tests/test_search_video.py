@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,8 +20,8 @@ from clip.search.index import Index
 from clip.search.store import DB_NAME
 
 av = pytest.importorskip("av")
+from test_embed_video import write_video  # noqa: E402 - one video writer for the video tests
 
-FPS = 10
 INTERVAL = 0.5
 RED, GREEN, BLUE, YELLOW, MAGENTA = (
     (220, 30, 30),
@@ -36,22 +35,6 @@ VIDEOS = {
     "clips/a.mp4": [(RED, 0.0, 1.5), (GREEN, 1.5, 3.0), (BLUE, 3.0, 4.0)],
     "clips/b.mp4": [(YELLOW, 0.0, 2.0), (MAGENTA, 2.0, 3.0)],
 }
-
-
-def write_video(path: Path, scenes, size: int = 64) -> None:
-    """Solid-colour scenes at FPS frames a second (MPEG-4 part 2: in every FFmpeg build)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=FPS)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for colour, start, end in scenes:
-            for _ in range(round((end - start) * FPS)):
-                frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), colour, np.uint8), format="rgb24")
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 def expected_frames(colour, interval: float = INTERVAL) -> set[tuple[str, float]]:
