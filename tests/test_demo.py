@@ -107,6 +107,27 @@ class _Flaky:
         raise ValueError("one of them is unreadable")
 
 
+def test_cached_caption_tokens_equal_a_fresh_tokenization():
+    """Each distinct caption is tokenized once per process; every batch must still get its own captions' ids."""
+    from clip.data.emoji import sample_caption
+    from clip.tokenizer import tokenize
+
+    data = load_emoji()
+    pairs = EmojiPairs(data, data.train_indices()[:64], context_length=32, seed=2)
+    for epoch in range(4):  # later epochs mostly hit the cache; some captions are new (keyword draws)
+        positions = list(range(64))
+        _, tokens = pairs.get_batch(positions, epoch)
+        captions = []
+        for i in positions:
+            rng = np.random.default_rng([pairs.seed, epoch, i])
+            pairs.crop.get_params(data.size, data.size, rng)
+            rng.random(3)  # the jitter's draws (gray_blur and shade are off)
+            concept = data.concept(int(data.image_concept[pairs.indices[i]]))
+            captions.append(sample_caption(concept, rng))
+        assert torch.equal(tokens, tokenize(captions, context_length=32, truncate=True))
+    assert 0 < len(pairs._token_cache) < 4 * 64  # captions repeat across epochs
+
+
 def test_a_failing_batch_falls_back_to_items():
     from clip.train.data import IndexedPairs
 
