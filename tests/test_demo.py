@@ -200,6 +200,24 @@ def test_demo_end_to_end_beats_chance_on_held_out_concepts(tmp_path):
         assert section in report, section
     model, _ = clip.load(str(out / "checkpoints" / "latest.pt"), device="cpu")
     assert model.config == small
+    # scripts/demo_probe.py on the same checkpoint: all 263 held-out concepts (the run trained on a slice).
+    probe = _script("demo_probe").probe(str(out / "checkpoints" / "latest.pt"))
+    assert probe["images"] == 789 and probe["classes"] == 263
+    chance = 1 / 263
+    assert probe["zero_shot_top1"] > 2 * chance and probe["text_to_prototype_top1"] > 2 * chance, probe
+    assert set(probe["prototype_top1"]) == {"google", "twitter", "openmoji"}
+    assert min(probe["prototype_top1"].values()) > 4 * chance, probe
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _tiny_cfg(tmp_path, **kw) -> DemoConfig:
