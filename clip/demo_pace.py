@@ -529,13 +529,24 @@ def _busy_evidence(
         if others is not None and others >= 0.75
         else "",
         "Throughput fell during training (see the thread trials below)."
-        if any(e["trigger"] == "drop" for e in events)
+        if _fell(events, achieved, planned)
         else "",
         f"Training ran at {achieved / planned:.0%} of the planned speed."
         if planned is not None and achieved < 0.8 * planned
         else "",
     ]
     return [e for e in evidence if e]
+
+
+def _fell(events: Sequence[dict[str, Any]], achieved: float, planned: float | None) -> bool:
+    """A throughput drop that mattered: it moved the thread count, or the run fell short of its planned speed.
+    Windows of 10 steps scatter by +-20% on an idle VM; a trial that kept the count in a run that met its plan
+    (the 2026-12-01 README run: five such trials, 5.23 of 5.24 planned steps/s) is not a busy machine."""
+    drops = [e for e in events if e["trigger"] == "drop"]
+    if not drops:
+        return False
+    moved = any(e["from"] != e["to"] for e in drops)
+    return moved or planned is None or achieved < 0.95 * planned
 
 
 def _load_text(loads: dict[str, Any], own: int, cpu_count: int) -> str:

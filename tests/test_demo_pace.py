@@ -282,6 +282,17 @@ def test_verdict_lists_thread_trials():
     assert any(line.startswith("Fixed length: 200 steps") for line in v["lines"])
 
 
+def test_verdict_ignores_drop_trials_that_kept_the_threads_in_a_run_that_met_its_plan():
+    plan = pace.plan_steps(IDLE, 500.0)
+    stayed = [{"step": 595, "from": 2, "to": 2, "trigger": "drop", "reason": "throughput fell",
+               "samples_per_s": "2 thread(s) 524, 1 thread(s) 383"}]  # fmt: skip
+    on_plan = _verdict(plan, loop_s=plan.steps * plan.step_s, events=stayed)
+    assert not on_plan["busy"] and on_plan["lines"][0].startswith("The machine was not busy")
+    assert any("at step 595 stayed on 2" in line for line in on_plan["lines"])  # still reported
+    slow = _verdict(plan, loop_s=plan.steps * plan.step_s * 1.1, events=stayed)
+    assert slow["busy"] and any("Throughput fell" in line for line in slow["lines"])
+
+
 def test_verdict_on_an_idle_run_that_overran_says_the_plan_was_optimistic():
     plan = pace.plan_steps(IDLE, 500.0)
     v = _verdict(plan, loop_s=plan.steps * plan.step_s * 1.1, elapsed_s=640.0)
