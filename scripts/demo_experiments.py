@@ -138,7 +138,9 @@ def summarise(name: str, rc: int, wall: float, hogs: int, out: Path, load: dict)
 def markdown_row(line: dict) -> str:
     if "cells" not in line:
         return f"| {line['run']} | failed: {line.get('error')} |"
-    cells = " | ".join(f"{100 * c['top1']:.1f} / {100 * c['top5']:.1f}" for c in line["cells"].values())
+    # The table's column order, not the dict's: results.json is written with sorted keys (both, concept, style).
+    cells = " | ".join(f"{100 * line['cells'][k]['top1']:.1f} / {100 * line['cells'][k]['top5']:.1f}"
+                       for k in ("style", "concept", "both"))  # fmt: skip
     load = line["load_sampled_by_script"]
     during = load["during"].get("mean", "?") if load["during"] else "?"
     threads = ", ".join(f"{n} on {t}" for t, n in (line["threads_used"] or {}).items())

@@ -63,3 +63,24 @@ def test_both_runs_and_the_idle_cache_option(tmp_path):
     again = _run(tmp_path, "--only", "idle")  # an existing run folder is never overwritten
     assert again.returncode != 0 and "exists" in again.stderr
     assert os.path.isfile(tmp_path / "root" / "idle" / "output.log")
+
+
+def test_markdown_row_puts_cells_in_the_tables_order():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_experiments", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cell = lambda t: {"top1": t, "top5": t + 0.1}  # noqa: E731
+    line = {
+        "run": "busy",
+        "competing_processes": 1,
+        "steps": 10,
+        "planned_steps": 10,
+        "batch_size": 128,
+        "threads_used": {"1": 10},
+        "wall_seconds": 5.0,
+        "load_sampled_by_script": {"before": 0.5, "during": {"mean": 1.9}, "after": 2.0},
+        "cells": {"both": cell(0.15), "concept": cell(0.22), "style": cell(0.23)},
+    }  # sorted, as in results.json
+    assert module.markdown_row(line).endswith("| 23.0 / 33.0 | 22.0 / 32.0 | 15.0 / 25.0 |")
