@@ -58,8 +58,8 @@ DEMO_MODEL = CLIPConfig(
 
 # The budget's share the training loop plans for (start-up and calibration are then subtracted); the rest covers
 # the evaluation and report (about 3 s on the 2-core machine) and the plan's error: idle README runs ended from
-# 0.3% to 12% slower than planned (the same run in two processes can differ by 10% on this VM). At 0.95 one
-# took 640 s against the 600 s budget.
+# 0.3% to 12% slower than planned (400-step runs in back-to-back processes differed by up to 20% on this VM).
+# At 0.95 one took 640 s against the 600 s budget.
 TRAIN_SHARE = 0.88
 STRICT_SHARE = 0.97
 
