@@ -473,8 +473,14 @@ def pace_verdict(
             "the scores are lower than this machine gives idle (a shorter run of the same schedule learns less)."
         )
     elif plan is not None and busy:
+        scores = (
+            "so the scores are what this machine gives idle"
+            if plan.source != "cpu-time"  # the conservative plan has fewer steps than an idle run's
+            else "fewer than an idle run of this machine plans (the plan is conservative), so the scores are "
+            "those of a shorter run"
+        )
         lines.append(
-            f"It kept the {planned_steps:,} planned steps, so the scores are what this machine gives idle, and took "
+            f"It kept the {planned_steps:,} planned steps, {scores}, and took "
             f"{loop_s:.0f} s to train instead of the {planned_loop:.0f} s planned ({elapsed_s:.0f} s in all against "
             f"the {budget_s:.0f} s budget). Why: a run cut at the budget on a busy machine trains a fraction of the "
             "steps and scores far lower; `--strict-time` stops at the budget instead."

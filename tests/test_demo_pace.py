@@ -260,10 +260,22 @@ def test_verdict_on_a_busy_run_says_what_it_did_and_why():
     text = " ".join(v["lines"])
     assert v["busy"] and v["lines"][0].startswith("**The machine was busy**")
     assert "waited for a core" in text and "other processes added about 2.1 to the load" in text
-    assert f"kept the {plan.steps:,} planned steps" in text and "--strict-time" in text
+    assert f"kept the {plan.steps:,} planned steps, so the scores are what this machine gives idle" in text
+    assert "--strict-time" in text
     assert f"took {plan.steps * 0.45:.0f} s to train" in text and "remembered" in text
     assert v["achieved_steps_per_s"] < 0.8 * v["planned_steps_per_s"]
     assert v["load"] == loads and v["threads_used"] == {"1": plan.steps}
+
+
+def test_verdict_on_a_busy_run_with_a_conservative_plan_does_not_promise_idle_scores():
+    # Without a remembered idle run the plan comes from a one-thread step's CPU time: fewer steps than idle.
+    plan = pace.plan_steps(BUSY, 500.0)
+    assert plan.source == "cpu-time"
+    v = _verdict(plan, loop_s=plan.steps * 0.45, elapsed_s=plan.steps * 0.45 + 60, thread_steps={1: plan.steps},
+                 loads={"before": 2.1, "during": {"min": 2.9, "mean": 3.1, "max": 3.3}, "after": 3.0})  # fmt: skip
+    text = " ".join(v["lines"])
+    assert f"kept the {plan.steps:,} planned steps" in text and "conservative" in text
+    assert "what this machine gives idle" not in text and "shorter run" in text
 
 
 def test_verdict_under_strict_time_says_the_scores_are_lower():
