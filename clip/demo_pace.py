@@ -473,18 +473,7 @@ def pace_verdict(
             "the scores are lower than this machine gives idle (a shorter run of the same schedule learns less)."
         )
     elif plan is not None and busy:
-        scores = (
-            "so the scores are what this machine gives idle"
-            if plan.source != "cpu-time"  # the conservative plan has fewer steps than an idle run's
-            else "fewer than an idle run of this machine plans (the plan is conservative), so the scores are "
-            "those of a shorter run"
-        )
-        lines.append(
-            f"It kept the {planned_steps:,} planned steps, {scores}, and took "
-            f"{loop_s:.0f} s to train instead of the {planned_loop:.0f} s planned ({elapsed_s:.0f} s in all against "
-            f"the {budget_s:.0f} s budget). Why: a run cut at the budget on a busy machine trains a fraction of the "
-            "steps and scores far lower; `--strict-time` stops at the budget instead."
-        )
+        lines.append(_kept_steps_line(plan, planned_steps, loop_s, elapsed_s, budget_s))
     elif plan is not None and elapsed_s > budget_s:
         lines.append(
             f"It took {elapsed_s:.0f} s against the {budget_s:.0f} s budget on a machine that stayed idle: the plan "
@@ -514,6 +503,22 @@ def pace_verdict(
         "thread_trials": list(events),
         "lines": lines,
     }
+
+
+def _kept_steps_line(plan: Plan, planned_steps: int, loop_s: float, elapsed_s: float, budget_s: float) -> str:
+    """What a busy run that kept its planned steps did, and what its scores therefore are."""
+    scores = (
+        "so the scores are what this machine gives idle"
+        if plan.source != "cpu-time"  # the conservative plan has fewer steps than an idle run's
+        else "fewer than an idle run of this machine plans (the plan is conservative), so the scores are "
+        "those of a shorter run"
+    )
+    return (
+        f"It kept the {planned_steps:,} planned steps, {scores}, and took {loop_s:.0f} s to train instead of the "
+        f"{planned_steps / plan.steps_per_s:.0f} s planned ({elapsed_s:.0f} s in all against the {budget_s:.0f} s "
+        "budget). Why: a run cut at the budget on a busy machine trains a fraction of the steps and scores far "
+        "lower; `--strict-time` stops at the budget instead."
+    )
 
 
 def _busy_evidence(
