@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def _error() -> dict[str, Any]:
+def error_response() -> dict[str, Any]:
+    """An error answer's OpenAPI response object (a fresh dict: callers may nest it anywhere)."""
     return {
         "description": "error",
         "content": {"application/json": {"schema": {"properties": {"error": {}}}}},
@@ -86,13 +87,13 @@ def _search_paths(limits: Any) -> dict[str, Any]:
         "image/*": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"properties": {"image": {"type": "string", "format": "binary"}}}},
     }
-    errors = {code: _error() for code in ("400", "408", "413", "415", "500")}
+    errors = {code: error_response() for code in ("400", "408", "413", "415", "500")}
     return {
         "/api/search": {
             "get": {
                 "summary": "Search by text",
                 "parameters": [query, *page],
-                "responses": {**ok, "400": _error(), "500": _error()},
+                "responses": {**ok, "400": error_response(), "500": error_response()},
             }
         },
         "/api/search/image": {
@@ -111,7 +112,7 @@ def _file_paths() -> dict[str, Any]:
     video_responses = {
         "200": {"description": "the video"},
         "206": {"description": "the requested range (Content-Range)"},
-        "404": _error(),
+        "404": error_response(),
         "416": {"description": "the range starts past the end"},
     }
     return {
@@ -121,15 +122,15 @@ def _file_paths() -> dict[str, Any]:
                 "parameters": [
                     *_path_param(),
                     {"name": "t", "in": "query", "required": False, "schema": {"type": "number"}},
-                ],  # fmt: skip
-                "responses": {"200": {"description": "image/jpeg"}, "404": _error()},
+                ],
+                "responses": {"200": {"description": "image/jpeg"}, "404": error_response()},
             }
         },
         "/api/image": {
             "get": {
                 "summary": "An indexed file",
                 "parameters": _path_param(),
-                "responses": {"200": {"description": "the file"}, "404": _error()},
+                "responses": {"200": {"description": "the file"}, "404": error_response()},
             }
         },
         "/api/video": {

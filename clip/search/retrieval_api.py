@@ -39,6 +39,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from clip.search.openapi import error_response
+
 DEDUP_THRESHOLD = 0.94  # clip-retrieval's cosine for "the same image"
 DEFAULT_NUM_IMAGES = 40  # ClipClient's default
 JSON_OVERHEAD = 64 * 1024
@@ -285,7 +287,7 @@ class RetrievalApi:
 
 def openapi_paths(limits: Any) -> dict[str, Any]:
     """The OpenAPI description of the three clip-retrieval routes."""
-    err = {"description": "error", "content": {"application/json": {"schema": {"properties": {"error": {}}}}}}
+    err = error_response()
     count = {"type": "integer", "minimum": 1, "description": f"at most {limits.max_results} are returned"}
     knn_body = {
         "type": "object",
