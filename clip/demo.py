@@ -7,8 +7,9 @@ project's ordinary model, tokenizer and training loop.  Three zero-shot cells ar
   both    - held-out concepts in the held-out style.
 Outputs in OUT: report.md, results.json, curves.png, examples.png, retrieval.png, checkpoints/latest.pt.
 
-The run's length is planned from timed steps for what this machine does idle, and kept when the machine gets
-busy (the run then ends later and says why); `strict_time` cuts it at the budget instead (`clip.demo_pace`).
+The run's length is planned from timed steps for what this machine does idle, re-planned at the loop's real
+speed while the machine looks idle (so it ends within the budget), and kept when the machine gets busy (the run
+then ends later and says why); `strict_time` cuts it at the budget instead (`clip.demo_pace`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from clip import demo_pace as pace
+from clip import demo_verdict as verdict
 from clip.config import CLIPConfig, TextConfig, VisionConfig
 from clip.data.emoji import EmojiData, load_emoji
 from clip.data.emoji_train import EmojiPairs, concept_balanced_order, subset_concepts
@@ -237,6 +239,10 @@ def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
         pace.thread_choices(pace.available_cpus()), threads, pacing.plan.plan_threads if pacing else None,
         expected=batch / (pacing.now_step_s * pacing.loop_ratio) if pacing else None,
     )  # fmt: skip
+    # A planned run re-plans its length at the loop's real speed while the machine looks idle (`LengthKeeper`).
+    # Its deadline is wall-clock: what is left of the loop's share now.
+    loop_budget = cfg.minutes * 60 * TRAIN_SHARE - (time.monotonic() - t_start)
+    keeper = pace.LengthKeeper(steps, loop_budget, governor.looks_busy) if pacing else None
 
     def on_step(record: dict[str, Any]) -> None:
         before = len(governor.events)
@@ -249,11 +255,39 @@ def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
     strict_s = max(1.0, cfg.minutes * 60 * STRICT_SHARE - (time.monotonic() - t_start))
     train_cfg = _train_config(cfg, out, steps, batch, strict_s if cfg.strict_time and pacing else None)
     order = concept_balanced_order(data.image_concept[pairs.indices], batch, cfg.seed)
-    result = train(train_cfg, model=model, dataset=pairs, order=order, on_step=on_step)
+    result = train(train_cfg, model=model, dataset=pairs, order=order, on_step=on_step, replan=keeper)
     train_s, load_after = time.monotonic() - t_start, pace.loadavg()
+    results, scores, ret = _evaluate(cfg, data, pairs, result, steps, batch, train_s, threads)
+    results["pace"] = verdict.pace_verdict(
+        plan=pacing.plan if pacing else None, planned_steps=steps, steps_done=result.step,
+        loop_s=result.elapsed_s, elapsed_s=time.monotonic() - t_start, budget_s=cfg.minutes * 60,
+        strict=cfg.strict_time, stopped_early=result.stopped_early, events=governor.events,
+        loads=verdict.load_summary(load_before, governor.loads, load_after), thread_steps=dict(governor.thread_steps),
+        cpu_count=pace.available_cpus(), cache=str(pacing.cache) if pacing and pacing.cache else None,
+        replans=keeper.replans if keeper else (),
+    )  # fmt: skip
+    _learn_loop_ratio(pacing, results["pace"], result.stopped_early)
+    write_report(out, results, scores, ret[1] if ret else [], data)
+    results["wall_seconds"] = round(time.monotonic() - t_start, 1)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _evaluate(
+    cfg: DemoConfig,
+    data: EmojiData,
+    pairs: EmojiPairs,
+    result: Any,
+    steps: int,
+    batch: int,
+    train_s: float,
+    threads: int,
+) -> tuple[dict[str, Any], dict, tuple | None]:
+    """(what results.json holds, less the pace verdict; the cells' scores; retrieval metrics and examples)."""
     model = result.model.eval()
     scores = score_cells(model, data)
     ret = retrieval(data, scores, seed=cfg.seed)
+    n_concepts = len(np.unique(data.image_concept[pairs.indices]))
     results = {
         "cells": evaluate_cells(scores),
         "by_category": category_breakdown(scores, data),
@@ -266,18 +300,7 @@ def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
         "machine": {"cpu_threads": threads, "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
     }  # fmt: skip
-    results["pace"] = pace.pace_verdict(
-        plan=pacing.plan if pacing else None, planned_steps=steps, steps_done=result.step,
-        loop_s=result.elapsed_s, elapsed_s=time.monotonic() - t_start, budget_s=cfg.minutes * 60,
-        strict=cfg.strict_time, stopped_early=result.stopped_early, events=governor.events,
-        loads=pace.load_summary(load_before, governor.loads, load_after), thread_steps=dict(governor.thread_steps),
-        cpu_count=pace.available_cpus(), cache=str(pacing.cache) if pacing and pacing.cache else None,
-    )  # fmt: skip
-    _learn_loop_ratio(pacing, results["pace"], result.stopped_early)
-    write_report(out, results, scores, ret[1] if ret else [], data)
-    results["wall_seconds"] = round(time.monotonic() - t_start, 1)
-    atomic_write_json(out / "results.json", results)
-    return results
+    return results, scores, ret
 
 
 def _train_config(cfg: DemoConfig, out: Path, steps: int, batch: int, max_seconds: float | None) -> Any:

@@ -242,10 +242,16 @@ def _fake_calibration(busy: bool) -> pace.Calibration:
     return pace.Calibration(timings, 0.0, 0.0, competing=0.0, cpu_count=2)
 
 
+def _loadavg(monkeypatch, load: float) -> None:
+    """The load average the run sees (the real one depends on whatever else this machine runs)."""
+    monkeypatch.setattr(pace, "loadavg", lambda: (load, load, load))
+
+
 def test_demo_on_a_busy_machine_keeps_its_planned_steps_and_says_so(tmp_path, monkeypatch):
     import clip.demo as demo
 
     monkeypatch.setattr(demo, "calibrate", lambda *a: _fake_calibration(busy=True))
+    _loadavg(monkeypatch, 3.0)  # two other processes beside the run's own thread
     said = []
     results = run_demo(_tiny_cfg(tmp_path, minutes=0.06), say=said.append)
     pace_ = results["pace"]
@@ -271,10 +277,33 @@ def test_demo_remembers_an_idle_machine_and_plans_its_length_when_busy(tmp_path,
     assert entry["idle_step_s"] == {"2": 0.1, "1": 0.06}
     ratio = entry.get("loop_ratio", pace.DEFAULT_LOOP_RATIO)  # learnt only if the run stayed idle
     monkeypatch.setattr(demo, "calibrate", lambda *a: _fake_calibration(busy=True))
+    _loadavg(monkeypatch, 3.0)
     busy = run_demo(_tiny_cfg(tmp_path, minutes=0.06, output_dir=str(tmp_path / "busy")), say=lambda m: None)
     assert busy["pace"]["plan_source"] == "remembered" and busy["machine"]["cpu_threads"] == 1
     assert busy["pace"]["planned_steps_per_s"] == pytest.approx(1 / (0.06 * ratio), rel=1e-3)
     assert busy["steps"] == busy["planned_steps"] >= 10
+
+
+def test_demo_replans_an_idle_run_whose_loop_is_slower_than_its_calibration(tmp_path, monkeypatch):
+    import functools
+
+    import clip.demo as demo
+
+    # Calibration says 1 ms a step, thousands of steps for the budget; the real steps are several times slower.
+    # The keeper checks early in that plan (its default first check, at 10%, would come after this budget).
+    fast = pace.Calibration((pace.StepTiming(1, 1e-3, 1e-3),), 0.0, 0.0, 0.0, 1)
+    monkeypatch.setattr(demo, "calibrate", lambda *a: fast)
+    monkeypatch.setattr(pace, "available_cpus", lambda: 1)  # one thread count: no governor trials
+    monkeypatch.setattr(pace, "LengthKeeper", functools.partial(pace.LengthKeeper, checks=(0.002, 0.3)))
+    _loadavg(monkeypatch, 1.0)  # idle: the run's own thread
+    results = run_demo(_tiny_cfg(tmp_path, minutes=0.08), say=lambda m: None)
+    pace_ = results["pace"]
+    (replan,) = pace_["replans"]
+    assert results["steps"] == replan["new"] < replan["old"] == results["planned_steps"]
+    assert replan["projected_s"] > 3 * replan["budget_s"] and not pace_["busy"]
+    assert pace_["train_loop_seconds"] < 1.1 * replan["budget_s"]  # ended near its budget, not minutes later
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"shortened the run to {replan['new']:,} steps" in report and "The machine was not busy" in report
 
 
 def test_loop_ratio_is_learnt_only_from_a_run_that_stayed_idle(tmp_path):

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from clip import demo_pace as pace
+from clip import demo_verdict as verdict
 from clip.demo_pace import Calibration, StepTiming, ThreadGovernor
 
 
@@ -241,7 +242,7 @@ def _verdict(plan, **kw):
                 loads={"before": 0.1, "during": {"min": 2.0, "mean": 2.0, "max": 2.1}, "after": 2.0},
                 events=[], thread_steps={2: 200}, cpu_count=2)  # fmt: skip
     args.update(kw)
-    return pace.pace_verdict(**args)
+    return verdict.pace_verdict(**args)
 
 
 def test_verdict_on_an_idle_run_says_not_busy():
@@ -311,3 +312,70 @@ def test_verdict_on_an_idle_run_that_overran_says_the_plan_was_optimistic():
     text = " ".join(v["lines"])
     assert not v["busy"] and "took 640 s against the 600 s budget on a machine that stayed idle" in text
     assert "kept the" not in text
+
+
+# ------------------------------------------------------------------------------------ the length keeper
+
+
+def _keep(keeper: pace.LengthKeeper, step_s) -> float:
+    """Drive `keeper` as the loop does (step_s(step) seconds per step); the loop seconds at the run's end."""
+    t, step = 0.0, 0
+    while step < keeper.steps:
+        step += 1
+        t += step_s(step)
+        keeper(step, t)
+    return t
+
+
+@pytest.mark.parametrize("speed", [0.65, 0.40])  # the loop 30% slower, then 20% faster, than the plan's 0.5 s
+def test_keeper_ends_an_idle_run_within_its_budget_at_any_speed(speed):
+    keeper = pace.LengthKeeper(1000, budget_s=500.0, busy=lambda: False)
+    end = _keep(keeper, lambda step: speed)
+    assert end == pytest.approx(500.0, rel=0.01)
+    first = keeper.replans[0]
+    assert first.step == 100 and first.old == 1000 and first.steps_per_s == pytest.approx(1 / speed, abs=1e-3)
+    assert first.projected_s == pytest.approx(1000 * speed) and first.budget_s == 500.0
+    assert len(keeper.replans) == 1  # the first re-plan was right, so the later checks leave it
+
+
+def test_keeper_follows_a_speed_change_and_caps_growth():
+    keeper = pace.LengthKeeper(1000, budget_s=500.0, busy=lambda: False)
+    end = _keep(keeper, lambda step: 0.5 if step <= 300 else 0.6)  # slower from step 300 on
+    # The check at 450 still saw some fast steps; the one at 650 corrects the rest.
+    assert [r.step for r in keeper.replans] == [450, 650] and 495.0 <= end <= 500.0
+    fast = pace.LengthKeeper(1000, budget_s=500.0, busy=lambda: False, max_growth=1.2)
+    _keep(fast, lambda step: 0.1)
+    assert fast.steps == 1200  # five times faster, but at most 1.2 x the plan
+
+
+def test_keeper_leaves_a_run_on_plan_or_on_a_busy_machine_alone():
+    on_plan = pace.LengthKeeper(1000, budget_s=500.0, busy=lambda: False)
+    _keep(on_plan, lambda step: 0.5 * (1.02 if step % 2 else 0.98))  # +-2% scatter
+    assert on_plan.replans == [] and on_plan.steps == 1000
+    busy = pace.LengthKeeper(1000, budget_s=500.0, busy=lambda: True)
+    assert _keep(busy, lambda step: 0.9) == pytest.approx(900.0)  # kept its steps, took longer
+    assert busy.replans == [] and busy.skipped_busy == 4
+
+
+def test_governor_says_when_the_machine_looks_busy():
+    idle = Load(range(0))
+    gov = ThreadGovernor((2, 1), start=2, set_threads=lambda t: None, load_probe=idle.load, expected=780.0)
+    _drive(gov, idle, 20)
+    assert not gov.looks_busy()
+    gov.loads.append((30, 3.0))  # another process adds 1.0 to the load average
+    assert gov.looks_busy()
+    moved = ThreadGovernor((2, 1), start=1, preferred=2, set_threads=lambda t: None, load_probe=lambda: None)
+    assert moved.looks_busy()  # off this machine's idle-fastest count
+
+
+def test_verdict_on_a_replanned_idle_run_says_what_it_changed():
+    plan = pace.plan_steps(IDLE, 500.0)
+    rate = plan.steps_per_s * 0.77
+    r = pace.Replan(280, 280 / rate, plan.steps, int(500 * rate), round(rate, 3), plan.steps / rate, 500.0)
+    v = _verdict(plan, steps_done=r.new, loop_s=r.new / rate, elapsed_s=560.0, replans=[r])
+    text = " ".join(v["lines"])
+    assert not v["busy"] and v["lines"][0].startswith("The machine was not busy")
+    assert f"shortened the run to {r.new:,} steps" in text and "At step 280" in text
+    assert "kept the" not in text and v["replans"][0]["new"] == r.new
+    slow = _verdict(plan, steps_done=r.new, loop_s=r.new / rate * 1.3, replans=[r])
+    assert slow["busy"]  # slower still than the re-plan's speed: that is a busy machine

@@ -264,6 +264,69 @@ def test_time_budget_stops_cleanly_with_outputs(data, tmp_path):
     assert len(result.metrics_path.read_text().splitlines()) == result.step
 
 
+def _lrs(result) -> list[float]:
+    return [json.loads(line)["lr"] for line in result.metrics_path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("new_total", [9, 16])
+def test_replan_changes_the_length_and_the_schedule(data, tmp_path, new_total):
+    """A length returned by `replan` after step 4 ends the run there, the cosine now decaying to that step."""
+    from clip.train import train
+    from clip.train.optim import CosineSchedule
+
+    calls = []
+
+    def replan(step: int, seconds: float) -> int | None:
+        calls.append((step, seconds))
+        return new_total if step == 4 else None
+
+    result = train(_config(data, tmp_path, steps=12), replan=replan)
+    assert result.step == new_total and len(_lrs(result)) == new_total
+    assert [s for s, _ in calls] == list(range(1, new_total + 1)) and all(t > 0 for _, t in calls)
+    old, new = CosineSchedule(2e-3, 5, 12), CosineSchedule(2e-3, 5, new_total)
+    want = [old.lr_at(s) for s in range(5)] + [new.lr_at(s) for s in range(5, new_total)]
+    np.testing.assert_allclose(_lrs(result), want, rtol=1e-6)
+    assert result.notes == [f"re-planned at step 4: 12 -> {new_total} steps"]
+    saved = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert saved["scheduler"]["total_steps"] == new_total
+
+
+def test_replan_never_ends_before_the_next_step(data, tmp_path):
+    from clip.train import train
+
+    result = train(_config(data, tmp_path, steps=12), replan=lambda step, s: 1 if step == 3 else None)
+    assert result.step == 4  # asked for fewer steps than done: one more step, then the end
+
+
+def test_replan_under_torchrun_reaches_every_rank(data, tmp_path):
+    """Only rank 0 calls `replan`; both ranks must take its length (a rank left behind would hang the run)."""
+    script = tmp_path / "replan.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train_e2e import _config
+        from clip.train import train
+        from pathlib import Path
+        rank = int(os.environ["RANK"])
+        calls = []
+        def replan(step, seconds):
+            calls.append(step)
+            return 5 if step == 2 else None
+        cfg = _config(Path({str(data)!r}), Path({str(tmp_path / "out")!r}), steps=10)
+        result = train(cfg, replan=replan)
+        Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps([result.step, calls]))
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == [5, [1, 2, 3, 4, 5]] and rank1 == [5, []]
+
+
 def test_unreadable_data_fails_at_once(tmp_path):
     from clip.train import train
 

@@ -112,6 +112,8 @@ class Run:
     pending: list = field(default_factory=list)
     val_dataset: Any = None
     on_step: Callable[[dict], None] | None = None
+    replan: Callable[[int, float], int | None] | None = None
+    requested_total: int = 0  # rank 0's replan answer, applied on every rank at the next step's agreement
     t_start: float | None = None  # monotonic time this attempt's loop began
     notes: list[str] = field(default_factory=list)
 
@@ -123,6 +125,7 @@ def train(
     dataset: Any = None,
     order: Callable[[int], np.ndarray] | None = None,
     on_step: Callable[[dict], None] | None = None,
+    replan: Callable[[int, float], int | None] | None = None,
 ) -> TrainResult:
     """Train a CLIP model contrastively; the function behind `clip train`. Call it on every rank under torchrun.
 
@@ -138,6 +141,10 @@ def train(
         its r-th slice; a trailing partial batch is dropped.
     on_step: called on every rank, every `log_every` steps, with each step's metrics record plus "keys" (this
         rank's sample keys of that step).
+    replan: called on rank 0 after every step with (steps done, this attempt's loop seconds); an int it returns
+        becomes the run's length from the next step on (at least one more step), the cosine schedule then
+        decaying to that step instead (e.g. a run that fits a wall-clock budget by re-planning its length as it
+        measures its speed). None keeps the length. Each change is in `TrainResult.notes` and the checkpoints.
     """
     info = init_from_env(cfg.run.device)
     try:
@@ -149,13 +156,13 @@ def train(
                     f"({', '.join(sorted(p.name for p in removed)[:3])}{', ...' if len(removed) > 3 else ''})",
                     stacklevel=2,
                 )
-            return _train(cfg, info, model, dataset, order, on_step)
+            return _train(cfg, info, model, dataset, order, on_step, replan)
     finally:
         shutdown(info)
 
 
 def _train(
-    cfg: TrainConfig, info: DistInfo, model: CLIP | None, dataset: Any, order: Any, on_step: Any
+    cfg: TrainConfig, info: DistInfo, model: CLIP | None, dataset: Any, order: Any, on_step: Any, replan: Any
 ) -> TrainResult:
     check_sources(cfg)  # a wrong --train-data fails now, not after building the model
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and for any world size
@@ -171,7 +178,7 @@ def _train(
     if cfg.optim.loss is None:  # the model's own loss, written into config.json and the checkpoints
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, loss=default_loss(model.config)))
     run = _setup(cfg, info, model, saved, dataset, order)
-    run.on_step = on_step
+    run.on_step, run.replan = on_step, replan
     stopped = False
     try:
         stopped = _loop(run)
@@ -349,9 +356,13 @@ def _loop(run: Run) -> bool:
         skipped = Counter()
         for b in batches:
             skipped.update(b.skipped)
-        flags = agree([int(not batches), int(over), sum(b.size for b in batches),
+        flags = agree([int(not batches), int(over), sum(b.size for b in batches), run.requested_total,
                        *(skipped.get(r, 0) for r in SKIP_REASONS)], run.info)  # fmt: skip
-        run.skipped.update({r: n for r, n in zip(SKIP_REASONS, flags[3:], strict=True) if n})
+        run.skipped.update({r: n for r, n in zip(SKIP_REASONS, flags[4:], strict=True) if n})
+        if flags[3]:  # only rank 0 asks, so the sum is its answer
+            _set_length(run, flags[3])
+            if run.step >= run.total_steps:
+                return False
         if flags[1]:
             return True
         if flags[0] == run.info.world_size:  # every rank's share of the epoch is used up
@@ -366,7 +377,21 @@ def _loop(run: Run) -> bool:
             continue  # nothing readable in this global batch: no optimizer step
         _train_step(run, batches, flags[2], data_time, t0)
         recent.append(time.perf_counter() - t0)
+        if run.replan is not None and run.info.is_main:
+            run.requested_total = int(run.replan(run.step, _elapsed(run)) or 0)
     return False
+
+
+def _set_length(run: Run, total: int) -> None:
+    """Make the run `total` steps long (at least one more than done): the schedule, progress bar and loop."""
+    run.requested_total = 0
+    total = max(run.step + 1, total)
+    if total == run.total_steps:
+        return
+    run.notes.append(f"re-planned at step {run.step}: {run.total_steps:,} -> {total:,} steps")
+    run.total_steps = total
+    run.schedule = dataclasses.replace(run.schedule, total_steps=total)
+    run.log.set_total(total)
 
 
 def _train_step(run: Run, batches: list, n_valid: int, data_time: float, t0: float) -> None:

@@ -79,6 +79,12 @@ class RunLog:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
 
+    def set_total(self, total_steps: int) -> None:
+        """A new run length (a re-planned run): the progress bar's end moves."""
+        if self._bar is not None:
+            self._bar.total = total_steps
+            self._bar.refresh()
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
