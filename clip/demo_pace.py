@@ -395,9 +395,14 @@ class ThreadGovernor:
         self._low = 0
 
     def looks_busy(self, others: float = 0.75) -> bool:
-        """Whether the machine looks busy now: a thread trial is under way, the run is off this machine's
-        idle-fastest count (a trial moved it), or other processes add `others` to the last load sample."""
-        if self._trial is not None or self.current != self.preferred:
+        """Whether the machine looks busy now: a thread trial is under way, the latest trial was a throughput
+        drop that moved the thread count (and no re-check has moved it back), or other processes add `others`
+        to the last load sample. Running off the planned count alone is no sign: a conservative plan's count is
+        a guess."""
+        if self._trial is not None:
+            return True
+        last = self.events[-1] if self.events else None
+        if last is not None and last["trigger"] == "drop" and last["from"] != last["to"]:
             return True
         return bool(self.loads) and self.loads[-1][1] - self.current >= others
 
@@ -445,7 +450,8 @@ class LengthKeeper:
     `tolerance` = (under, over) fractions of `budget_s` before or after it, re-plans the remaining steps at that
     speed (at most `max_growth` x the plan). It leaves the length alone while `busy()` says the machine is
     busy: a busy run keeps its steps and says so. An early re-plan barely moves the cosine schedule: at 10% of
-    a run, 20% fewer steps take its learning rate from 0.993 to 0.989 of the peak.
+    a run, 20% fewer steps take its learning rate from 0.993 to 0.989 of the peak; late ones are small changes
+    (the speed error left is what drifted since the last check).
     """
 
     def __init__(
@@ -453,7 +459,7 @@ class LengthKeeper:
         steps: int,
         budget_s: float,
         busy: Callable[[], bool],
-        checks: Sequence[float] = (0.1, 0.25, 0.45, 0.65),
+        checks: Sequence[float] = (0.1, 0.25, 0.45, 0.65, 0.8),
         tolerance: tuple[float, float] = (0.03, 0.01),
         max_growth: float = 1.5,
         min_step: int = 20,

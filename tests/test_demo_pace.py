@@ -354,7 +354,7 @@ def test_keeper_leaves_a_run_on_plan_or_on_a_busy_machine_alone():
     assert on_plan.replans == [] and on_plan.steps == 1000
     busy = pace.LengthKeeper(1000, budget_s=500.0, busy=lambda: True)
     assert _keep(busy, lambda step: 0.9) == pytest.approx(900.0)  # kept its steps, took longer
-    assert busy.replans == [] and busy.skipped_busy == 4
+    assert busy.replans == [] and busy.skipped_busy == 5
 
 
 def test_governor_says_when_the_machine_looks_busy():
@@ -364,8 +364,17 @@ def test_governor_says_when_the_machine_looks_busy():
     assert not gov.looks_busy()
     gov.loads.append((30, 3.0))  # another process adds 1.0 to the load average
     assert gov.looks_busy()
-    moved = ThreadGovernor((2, 1), start=1, preferred=2, set_threads=lambda t: None, load_probe=lambda: None)
-    assert moved.looks_busy()  # off this machine's idle-fastest count
+    load = Load(busy_steps=range(21, 10_000))  # two spin-waiting threads turn 10x slower from step 21
+    moved = ThreadGovernor(
+        (2, 1), start=2, set_threads=lambda t: None, load_probe=lambda: None, expected=780.0
+    )
+    _drive(moved, load, 40)
+    assert moved.switches() and moved.current == 1 and moved.looks_busy()  # a drop moved it: busy
+    planned_off = ThreadGovernor(
+        (2, 1), start=2, preferred=1, set_threads=lambda t: None, load_probe=idle.load
+    )
+    _drive(planned_off, idle, 20)
+    assert not planned_off.looks_busy()  # off a conservative plan's guessed count, but nothing slowed
 
 
 def test_verdict_on_a_replanned_idle_run_says_what_it_changed():
