@@ -291,6 +291,17 @@ def test_replan_changes_the_length_and_the_schedule(data, tmp_path, new_total):
     assert saved["scheduler"]["total_steps"] == new_total
 
 
+def test_resuming_a_replanned_run_says_its_schedule_differs(data, tmp_path):
+    from clip.train import train
+
+    train(_config(data, tmp_path, steps=12), replan=lambda step, s: 8 if step == 2 else None)
+    with pytest.warns(
+        UserWarning, match=r"schedule ended at step 8 .*; this run follows its own length of 12 steps"
+    ):
+        result = train(_config(data, tmp_path, steps=12, resume="latest"))
+    assert result.step == 12
+
+
 def test_replan_never_ends_before_the_next_step(data, tmp_path):
     from clip.train import train
 

@@ -250,6 +250,13 @@ def _setup(
     if o.warmup >= total:
         warnings.warn(f"warmup ({o.warmup} steps) >= run length ({total} steps): the peak lr is never reached",
                       stacklevel=2)  # fmt: skip
+    saved_total = (saved or {}).get("scheduler", {}).get("total_steps")
+    if saved_total is not None and saved_total != total and info.is_main:
+        warnings.warn(
+            f"the checkpoint's learning-rate schedule ended at step {saved_total:,} (its run's length, or a "
+            f"re-planned one); this run follows its own length of {total:,} steps from step {saved['step']:,}",
+            stacklevel=2,
+        )
     scaler = make_scaler(precision, info.device)
     wrapped = wrap_ddp(inner, info)
     if cfg.model.compile:
