@@ -242,7 +242,8 @@ def _run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
     # A planned run re-plans its length at the loop's real speed while the machine looks idle (`LengthKeeper`).
     # Its deadline is wall-clock: what is left of the loop's share now.
     loop_budget = cfg.minutes * 60 * TRAIN_SHARE - (time.monotonic() - t_start)
-    keeper = pace.LengthKeeper(steps, loop_budget, governor.looks_busy) if pacing else None
+    cpus = pace.available_cpus()
+    keeper = pace.LengthKeeper(steps, loop_budget, lambda: pace.busy_now(governor, cpus)) if pacing else None
 
     def on_step(record: dict[str, Any]) -> None:
         before = len(governor.events)

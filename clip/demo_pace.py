@@ -145,9 +145,14 @@ def contention(cal: Calibration) -> str | None:
     ratio = one.wall_s / max(one.cpu_s, 1e-9)
     if ratio > WAIT_RATIO:
         return f"a one-thread step took {ratio:.1f}x its CPU time, so it waited for a core"
-    if cal.competing is not None and cal.competing >= max(0.5, cal.cpu_count / 4):
+    if crowded(cal.competing, cal.cpu_count):
         return f"{cal.competing:.1f} other tasks were runnable on {cal.cpu_count} cores"
     return None
+
+
+def crowded(competing: float | None, cpu_count: int) -> bool:
+    """Whether `competing` other runnable tasks (None: unknown) make `cpu_count` cores busy."""
+    return competing is not None and competing >= max(0.5, cpu_count / 4)
 
 
 def plan_steps(
@@ -497,3 +502,12 @@ class LengthKeeper:
         )
         self.steps = new
         return new
+
+
+def busy_now(
+    governor: ThreadGovernor, cpu_count: int, probe: Callable[[], float | None] | None = None
+) -> bool:
+    """The length keeper's question: does the machine look busy at this moment? The governor's view (a trial,
+    a drop that moved the thread count, the 1-minute load average) lags a process that started a minute ago,
+    so the runnable tasks are counted now as well (`runnable_others`, ~0.25 s between two steps)."""
+    return governor.looks_busy() or crowded((probe or runnable_others)(), cpu_count)

@@ -296,6 +296,7 @@ def test_demo_replans_an_idle_run_whose_loop_is_slower_than_its_calibration(tmp_
     monkeypatch.setattr(pace, "available_cpus", lambda: 1)  # one thread count: no governor trials
     monkeypatch.setattr(pace, "LengthKeeper", functools.partial(pace.LengthKeeper, checks=(0.002, 0.3)))
     _loadavg(monkeypatch, 1.0)  # idle: the run's own thread
+    monkeypatch.setattr(pace, "runnable_others", lambda: 0.0)  # and nothing else runnable at the checks
     results = run_demo(_tiny_cfg(tmp_path, minutes=0.08), say=lambda m: None)
     pace_ = results["pace"]
     (replan,) = pace_["replans"]

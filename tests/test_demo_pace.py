@@ -377,6 +377,17 @@ def test_governor_says_when_the_machine_looks_busy():
     assert not planned_off.looks_busy()  # off a conservative plan's guessed count, but nothing slowed
 
 
+def test_busy_now_counts_runnable_tasks_the_load_average_has_not_caught_up_with():
+    # The 2026-12-01 one-process busy run: a process started 30 s before the run left the 1-minute load average
+    # below the threshold at the keeper's first check, which then called the machine idle.
+    idle = Load(range(0))
+    gov = ThreadGovernor((2, 1), start=1, preferred=1, set_threads=lambda t: None, load_probe=idle.load)
+    _drive(gov, idle, 20)
+    assert not gov.looks_busy()
+    assert pace.busy_now(gov, 2, probe=lambda: 1.0)  # one other runnable task on 2 cores
+    assert not pace.busy_now(gov, 2, probe=lambda: 0.1) and not pace.busy_now(gov, 2, probe=lambda: None)
+
+
 def test_verdict_on_a_replanned_idle_run_says_what_it_changed():
     plan = pace.plan_steps(IDLE, 500.0)
     rate = plan.steps_per_s * 0.77
