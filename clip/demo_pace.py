@@ -27,6 +27,8 @@ from typing import Any
 
 # A one-thread step that takes this much more wall time than CPU time waited for a core.
 WAIT_RATIO = 1.15
+# Other processes that add this much to the 1-minute load average (beyond this run's own threads) make it busy.
+OTHERS_BUSY = 0.75
 # The training loop's steps run slower than the calibration's bare steps (logging, the schedule, allocation):
 # the 2026-11-28 README run planned 2,018 steps and reached 1,902 in its budget, 12% slower; timing with the
 # median of five repetitions (not the minimum of three) closes part of that gap.
@@ -399,7 +401,7 @@ class ThreadGovernor:
         self._rates.clear()
         self._low = 0
 
-    def looks_busy(self, others: float = 0.75) -> bool:
+    def looks_busy(self, others: float = OTHERS_BUSY) -> bool:
         """Whether the machine looks busy now: a thread trial is under way, the latest trial was a throughput
         drop that moved the thread count (and no re-check has moved it back), or other processes add `others`
         to the last load sample. Running off the planned count alone is no sign: a conservative plan's count is
@@ -476,20 +478,20 @@ class LengthKeeper:
         self.tolerance, self.max_growth = tolerance, max_growth
         self._last = (0, 0.0)
         self.replans: list[Replan] = []
-        self.skipped_busy = 0  # checks that left the length alone because the machine looked busy
+        self.skipped_busy = 0  # checks that would have re-planned but the machine looked busy
 
     def __call__(self, step: int, loop_s: float) -> int | None:
         if not self._checks or step < self._checks[0]:
             return None
         self._checks = [c for c in self._checks if c > step]
         (s0, t0), self._last = self._last, (step, loop_s)
-        if self._busy():
-            self.skipped_busy += 1
-            return None
         rate = (step - s0) / max(loop_s - t0, 1e-9)
         projected = loop_s + (self.steps - step) / rate
         under, over = self.tolerance
         if -under <= projected / self.budget_s - 1 <= over:
+            return None
+        if self._busy():  # asked only when a re-plan would follow: it may sample the machine (~0.25 s)
+            self.skipped_busy += 1
             return None
         new = step + int(max(0.0, self.budget_s - loop_s) * rate)
         new = max(step + 1, min(new, int(self.planned * self.max_growth)))

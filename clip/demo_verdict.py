@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from clip.demo_pace import Plan, Replan
+from clip.demo_pace import OTHERS_BUSY, Plan, Replan
 
 
 def load_summary(
@@ -158,7 +158,7 @@ def _busy_evidence(
     evidence = [
         f"Before training, {plan.busy}." if plan is not None and plan.busy else "",
         f"During training, other processes added about {others:.1f} to the load average ({cpu_count} cores)."
-        if others is not None and others >= 0.75
+        if others is not None and others >= OTHERS_BUSY
         else "",
         "Throughput fell during training (see the thread trials below)."
         if _fell(events, achieved, planned)
