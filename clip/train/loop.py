@@ -366,10 +366,8 @@ def _loop(run: Run) -> bool:
         flags = agree([int(not batches), int(over), sum(b.size for b in batches), run.requested_total,
                        *(skipped.get(r, 0) for r in SKIP_REASONS)], run.info)  # fmt: skip
         run.skipped.update({r: n for r, n in zip(SKIP_REASONS, flags[4:], strict=True) if n})
-        if flags[3]:  # only rank 0 asks, so the sum is its answer
+        if flags[3]:  # only rank 0 asks, so the sum is its answer (never below the next step)
             _set_length(run, flags[3])
-            if run.step >= run.total_steps:
-                return False
         if flags[1]:
             return True
         if flags[0] == run.info.world_size:  # every rank's share of the epoch is used up
