@@ -79,6 +79,42 @@ def test_clip_loss_rows_against_gathered_columns_with_mask():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def naive_smoothed_clip_loss(img, txt, scale, all_img, all_txt, labels, eps, mask=None) -> torch.Tensor:
+    """Row by row: cross-entropy against 1 - eps on the positive + eps spread evenly over the unmasked columns."""
+    losses = []
+    for i in range(img.shape[0]):
+        cols = [j for j in range(all_txt.shape[0]) if mask is None or mask[j]]
+        row = []
+        for logits in ([float(scale * img[i] @ all_txt[j]) for j in cols],
+                       [float(scale * txt[i] @ all_img[j]) for j in cols]):  # fmt: skip
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            target = [eps / len(cols) + (1 - eps) * (j == int(labels[i])) for j in cols]
+            row.append(-sum(t * (v - log_z) for t, v in zip(target, logits)))
+        losses.append(0.5 * sum(row))
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def test_clip_loss_label_smoothing_matches_torch_and_leaves_padding_columns_out():
+    img, txt = _features(7, 5, 4)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    got = clip_loss(img, txt, scale, reduction="none", label_smoothing=0.1)
+    logits = scale * img @ txt.T
+    labels = torch.arange(7)
+    want = 0.5 * (F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1)
+                  + F.cross_entropy(logits.T, labels, reduction="none", label_smoothing=0.1))  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, naive_smoothed_clip_loss(img, txt, scale, img, txt, labels, 0.1))
+    assert (got > clip_loss(img, txt, scale, reduction="none")).any()  # smoothing changes the loss
+    # A padded (gathered) batch: torch's smoothing would spread eps over the -inf padding columns (inf loss).
+    all_img, all_txt = _features(10, 4, 5)
+    mask = torch.tensor([True] * 7 + [False] * 3)
+    rows = torch.tensor([2, 4, 6])
+    got = clip_loss(all_img[rows], all_txt[rows], scale, all_image_features=all_img, all_text_features=all_txt,
+                    labels=rows, column_mask=mask, reduction="none", label_smoothing=0.2)  # fmt: skip
+    want = naive_smoothed_clip_loss(all_img[rows], all_txt[rows], scale, all_img, all_txt, rows, 0.2, mask)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_siglip_loss_matches_naive_loop():
     all_img, all_txt = _features(6, 4, 2)
     mask = torch.tensor([True, True, True, True, True, False])

@@ -103,7 +103,10 @@ def test_cli_flags_map_to_the_config():
     )  # fmt: skip
     cfg = config_from_args(args)
     assert cfg.optim.lr == 0.1 and cfg.optim.loss == "siglip" and cfg.optim.accum_freq == 2
-    assert cfg.optim.fused is True
+    assert cfg.optim.fused is True and cfg.optim.label_smoothing == 0.0
+    smooth = build_parser().parse_args(["train", "--train-data", "x.csv", "--output-dir", "o", "--steps", "5",
+                                        "--label-smoothing", "0.1"])  # fmt: skip
+    assert config_from_args(smooth).optim.label_smoothing == 0.1
     assert cfg.model.lock_image and not cfg.run.progress and cfg.run.steps == 5
     assert cfg.data.crop_scale == (0.5, 1.0) and cfg.data.train_data_weights == (1.0,)
     with pytest.raises(SystemExit):
@@ -200,6 +203,19 @@ def test_fused_adamw_on_cpu_equals_the_default_up_to_rounding(folder, tmp_path, 
         torch.testing.assert_close(fused[k], plain[k], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="fused must be"):
         OptimConfig(fused="yes")
+
+
+def test_label_smoothing_trains_and_is_recorded(folder, tmp_path):
+    plain = train(_cfg(folder, tmp_path / "a", run={"steps": 1}))
+    smooth = train(_cfg(folder, tmp_path / "b", run={"steps": 1}, optim={"label_smoothing": 0.1}))
+    assert smooth.loss > plain.loss  # the same first batch and weights: smoothing raises the loss
+    assert (
+        json.loads((tmp_path / "b" / "config.json").read_text())["train"]["optim"]["label_smoothing"] == 0.1
+    )
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        OptimConfig(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="siglip loss has none"):
+        OptimConfig(loss="siglip", label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])

@@ -87,6 +87,8 @@ FLAGS: tuple[tuple[str, str, str, dict], ...] = (
     ("--beta2", "optim", "beta2", dict(type=finite, help="AdamW beta2 (default 0.98 ViT, 0.999 ResNet)")),
     ("--eps", "optim", "eps", dict(type=positive, help="AdamW eps (default 1e-6 ViT, 1e-8 ResNet)")),
     ("--grad-clip-norm", "optim", "grad_clip_norm", dict(type=positive, help="clip the gradient norm to this")),
+    ("--label-smoothing", "optim", "label_smoothing",
+     dict(type=non_negative, default=0.0, help="the clip loss's label smoothing (default 0: CLIP's loss)")),
     ("--precision", "optim", "precision",
      dict(choices=PRECISIONS, default="auto", help="auto = amp_bf16 on GPU, fp32 on CPU")),
     ("--fused-adamw", "optim", "fused", dict(action=argparse.BooleanOptionalAction, default=None,

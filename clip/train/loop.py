@@ -261,9 +261,8 @@ def _setup(
     wrapped = wrap_ddp(inner, info)
     if cfg.model.compile:
         wrapped = torch.compile(wrapped)
-    ctx = StepContext(
-        wrapped, inner, info, cfg.data.batch_size, autocast_factory(precision, info.device), scaler
-    )
+    autocast = autocast_factory(precision, info.device)
+    ctx = StepContext(wrapped, inner, info, cfg.data.batch_size, autocast, scaler, cfg.optim.label_smoothing)
     start = saved["step"] if saved else 0
     log = RunLog(cfg.run.output_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard,
                  progress=cfg.run.progress, total_steps=total, start_step=start)  # fmt: skip

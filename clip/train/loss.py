@@ -40,6 +40,7 @@ def clip_loss(
     labels: torch.Tensor | None = None,
     column_mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (Radford et al., 2021): mean of image->text and text->image cross-entropy.
 
@@ -47,6 +48,8 @@ def clip_loss(
     all_image_features, all_text_features: [N, D] columns (default: the rows themselves, N = B).
     labels: [B] int64, the column of each row's positive (default arange(B)).
     column_mask: [N] bool, False for padding columns that must not act as negatives.
+    label_smoothing: eps; each row's target is 1 - eps on its positive plus eps spread evenly over the real
+        columns (`F.cross_entropy`'s definition, with masked columns left out). 0 is CLIP's (and open_clip's) loss.
     Returns the loss per row [B] (reduction="none"), or its mean / sum.
     """
     all_text, labels = _defaults(text_features, all_text_features, labels)
@@ -58,10 +61,26 @@ def clip_loss(
         logits_image = logits_image.masked_fill(~column_mask, float("-inf"))
         logits_text = logits_text.masked_fill(~column_mask, float("-inf"))
     per_row = 0.5 * (
-        F.cross_entropy(logits_image, labels, reduction="none")
-        + F.cross_entropy(logits_text, labels, reduction="none")
+        _cross_entropy(logits_image, labels, column_mask, label_smoothing)
+        + _cross_entropy(logits_text, labels, column_mask, label_smoothing)
     )
     return _reduce(per_row, reduction)
+
+
+def _cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, column_mask: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """Per-row cross-entropy [B] of logits [B, N]; with eps > 0, smoothed over the unmasked columns only
+    (F.cross_entropy would spread eps over -inf padding columns too and return inf)."""
+    if eps == 0.0:
+        return F.cross_entropy(logits, labels, reduction="none")
+    logp = F.log_softmax(logits, dim=-1)  # [B, N]
+    nll = -logp.gather(1, labels[:, None])[:, 0]
+    if column_mask is None:
+        uniform = -logp.mean(dim=-1)
+    else:
+        uniform = -logp.masked_fill(~column_mask, 0.0).sum(dim=-1) / column_mask.sum()
+    return (1.0 - eps) * nll + eps * uniform
 
 
 def siglip_loss(

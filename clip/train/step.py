@@ -62,6 +62,7 @@ class StepContext:
     micro: int  # samples per micro-batch (the padded row count per micro-batch under DDP)
     autocast: Callable[[], contextlib.AbstractContextManager]
     scaler: torch.amp.GradScaler | None = None
+    label_smoothing: float = 0.0  # the clip loss's (OptimConfig.label_smoothing)
 
 
 @dataclass
@@ -138,7 +139,8 @@ def gathered_loss(
                               column_mask=all_mask, reduction="none")  # fmt: skip
     else:
         per_row = clip_loss(row_img, row_txt, scale, all_image_features=all_img, all_text_features=all_txt,
-                            labels=labels, column_mask=all_mask, reduction="none")  # fmt: skip
+                            labels=labels, column_mask=all_mask, reduction="none",
+                            label_smoothing=ctx.label_smoothing)  # fmt: skip
     # Sum, not mean: ranks may hold different numbers of valid rows; DDP divides by world again.
     total = per_row.sum() * info.world_size / max(n_valid_global, 1)
     if per_row.numel() == 0:
