@@ -82,7 +82,7 @@ class DemoConfig:
     lr: float = 5e-4
     wd: float = 0.5  # stronger than CLIP's 0.1-0.2: the held-out style needs regularisation (docs/demo-experiments.md)
     # The loss's label smoothing, over two seeds at 2,400 steps (docs/demo-experiments.md): none 27.5 / 27.7,
-    # 25.5 / 27.9, 12.8 / 13.6 (style, concept, both); 0.2 31.6 / 30.7, 29.0 / 27.3, 16.7 / 18.3 (0.1: in between).
+    # 27.9 / 25.5, 12.8 / 13.6 (style, concept, both); 0.2 31.6 / 30.7, 29.0 / 27.3, 16.7 / 18.3 (0.1: in between).
     label_smoothing: float = 0.2
     warmup_fraction: float = 0.05
     crop_scale: tuple[float, float] = (0.7, 1.0)
