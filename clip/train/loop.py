@@ -80,7 +80,7 @@ class TrainResult:
     loss: float | None  # global-batch loss of the last step
     skipped: dict[str, int]  # samples skipped over the whole run, by reason (all ranks)
     stopped_early: bool  # True when `max_seconds` ended the run before `steps`
-    elapsed_s: float  # training time over all attempts (resumes included)
+    elapsed_s: float  # the loop's time, all attempts (resumes included; not the last save and curves)
     output_dir: Path
     checkpoint: Path | None  # the final checkpoint (None on ranks other than 0)
     metrics_path: Path
@@ -182,6 +182,9 @@ def _train(
     stopped = False
     try:
         stopped = _loop(run)
+        # The loop's own time: the final save and curves.png below are not training (a short run's speed would
+        # otherwise read slower than its steps ran).
+        loop_s = run.elapsed_before + _elapsed(run)
         _flush(run)
         if run.step != run.last_saved:
             _save(run)
@@ -193,7 +196,7 @@ def _train(
     run.inner.clip.eval()
     return TrainResult(
         model=run.inner.clip, step=run.step, epoch=run.epoch, loss=run.last_loss, skipped=dict(run.skipped),
-        stopped_early=stopped, elapsed_s=run.elapsed_before + _elapsed(run), output_dir=out, checkpoint=final,
+        stopped_early=stopped, elapsed_s=loop_s, output_dir=out, checkpoint=final,
         metrics_path=run.log.path, curves_path=curves, notes=run.notes,
     )  # fmt: skip
 
