@@ -98,8 +98,11 @@ class DemoConfig:
     timing_cache: str | None = None
 
 
-def calibrate(model: CLIP, pairs: EmojiPairs, batch_size: int, choices: tuple[int, ...]) -> pace.Calibration:
-    """Time real training steps with each thread count in `choices`, and how busy the machine looks."""
+def calibrate(
+    model: CLIP, pairs: EmojiPairs, batch_size: int, choices: tuple[int, ...], label_smoothing: float = 0.0
+) -> pace.Calibration:
+    """Time real training steps (the run's loss: `label_smoothing` as in its `OptimConfig`) with each thread count
+    in `choices`, and how busy the machine looks."""
     from clip.train.loss import clip_loss
 
     model.train()
@@ -112,7 +115,7 @@ def calibrate(model: CLIP, pairs: EmojiPairs, batch_size: int, choices: tuple[in
     def step() -> None:
         img = F.normalize(model.encode_image(images), dim=-1)
         txt = F.normalize(model.encode_text(tokens), dim=-1)
-        clip_loss(img, txt, model.logit_scale.exp()).backward()
+        clip_loss(img, txt, model.logit_scale.exp(), label_smoothing=label_smoothing).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -145,7 +148,7 @@ def _plan(
                            "optimizer": "adamw-fused", "data": "batched"})  # fmt: skip
     remembered, ratio = pace.read_remembered(cache, key) if cache else (None, None)
     ratio = ratio or pace.DEFAULT_LOOP_RATIO
-    cal = calibrate(model, pairs, batch, pace.thread_choices(pace.available_cpus()))
+    cal = calibrate(model, pairs, batch, pace.thread_choices(pace.available_cpus()), cfg.label_smoothing)
     plan = pace.plan_steps(cal, budget_s(), remembered, loop_ratio=ratio)
     if cache is not None and plan.busy is None:
         pace.remember(cache, key, idle_step_s=pace.idle_step_seconds(cal))

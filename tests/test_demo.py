@@ -424,3 +424,22 @@ def test_retrieval_counts_ties_against_and_finds_perfect_matches():
         )
     assert list(by_cat["concept"])[0] == "Smileys & Emotion"  # Unicode's order
     assert evaluate_cells(perfect)["style"]["top1"] == 1.0
+
+
+def test_calibration_times_the_runs_loss_with_its_label_smoothing(tmp_path, monkeypatch):
+    import clip.demo as demo
+    import clip.train.loss as loss_module
+
+    seen = []
+    real = loss_module.clip_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("label_smoothing", 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "clip_loss", recording)
+    monkeypatch.setattr(pace, "available_cpus", lambda: 1)  # one thread count: a few steps only
+    cfg = _tiny_cfg(tmp_path, label_smoothing=0.3)
+    _, pairs = demo._train_data(cfg)
+    demo._plan(cfg, demo.CLIP(cfg.model), pairs, cfg.batch_size, lambda: 60.0)
+    assert seen and set(seen) == {0.3}
