@@ -48,8 +48,18 @@ from clip.model import CLIP
 DEMO_MODEL = CLIPConfig(
     embed_dim=128,
     # Early convolutions instead of the 8x8 patch conv: held-out style 18.3 / 14.5 -> 22.9 / 22.8 (two seeds).
+    # MLP ratio 2 instead of 4: a bare step 150 -> 120 ms, so the same budget runs ~20% more steps; at 2,900
+    # steps against 2,400 (two seeds) style 31.6 / 30.7 -> 33.6 / 34.9, concepts 29.0 / 27.3 -> 29.4 / 29.8,
+    # both 16.7 / 18.3 -> 15.6 / 17.1 (docs/demo-experiments.md, eighth session).
     vision=VisionConfig(
-        kind="vit", image_size=32, width=128, layers=4, heads=2, patch_size=8, conv_stem=(32, 64, 128)
+        kind="vit",
+        image_size=32,
+        width=128,
+        layers=4,
+        heads=2,
+        patch_size=8,
+        mlp_ratio=2.0,
+        conv_stem=(32, 64, 128),
     ),
     # One text layer: held-out style 24.2 -> 30.1 / 27.8, both 14.0 -> 15.6 / 16.0 (two seeds) in the same time:
     # its steps are 25% cheaper and the nearly bag-of-words tower composes unseen names no worse.
