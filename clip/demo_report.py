@@ -255,6 +255,8 @@ def describe_model(model: dict[str, Any]) -> str:
     tower = f"ViT {v['layers']}x{v['width']}, patch {v['patch_size']}" if v["kind"] == "vit" else "ResNet"
     if v.get("conv_stem"):
         tower += " from early convolutions " + "-".join(str(c) for c in v["conv_stem"])
+    if v["kind"] == "vit" and v.get("mlp_ratio", 4.0) != 4.0:  # 4 is CLIP's; say when it differs
+        tower += f", MLP {int(v['width'] * v['mlp_ratio'])}"
     return (
         f"{tower} at {v['image_size']} px; text {t['layers']}x{t['width']}; {model['embed_dim']}-d embedding"
     )

@@ -443,3 +443,14 @@ def test_calibration_times_the_runs_loss_with_its_label_smoothing(tmp_path, monk
     _, pairs = demo._train_data(cfg)
     demo._plan(cfg, demo.CLIP(cfg.model), pairs, cfg.batch_size, lambda: 60.0)
     assert seen and set(seen) == {0.3}
+
+
+def test_report_names_the_image_towers_mlp_width_when_it_is_not_clips():
+    import dataclasses
+
+    from clip.demo import DEMO_MODEL
+    from clip.demo_report import describe_model
+
+    assert "MLP 256" in describe_model(DEMO_MODEL.to_dict())  # width 128 x ratio 2
+    clips = dataclasses.replace(DEMO_MODEL, vision=dataclasses.replace(DEMO_MODEL.vision, mlp_ratio=4.0))
+    assert "MLP" not in describe_model(clips.to_dict())
