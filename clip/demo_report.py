@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clip.config import VisionConfig
 from clip.data.emoji import CELLS, EmojiCell, EmojiData
 from clip.data.emoji_train import eval_images
 from clip.evaluation.metrics import class_ranks, topk_accuracy
@@ -255,7 +256,8 @@ def describe_model(model: dict[str, Any]) -> str:
     tower = f"ViT {v['layers']}x{v['width']}, patch {v['patch_size']}" if v["kind"] == "vit" else "ResNet"
     if v.get("conv_stem"):
         tower += " from early convolutions " + "-".join(str(c) for c in v["conv_stem"])
-    if v["kind"] == "vit" and v.get("mlp_ratio", 4.0) != 4.0:  # 4 is CLIP's; say when it differs
+    clips_ratio = VisionConfig.mlp_ratio  # the config's default, CLIP's 4: say only when the run differs
+    if v["kind"] == "vit" and v.get("mlp_ratio", clips_ratio) != clips_ratio:
         tower += f", MLP {int(v['width'] * v['mlp_ratio'])}"
     return (
         f"{tower} at {v['image_size']} px; text {t['layers']}x{t['width']}; {model['embed_dim']}-d embedding"
