@@ -361,6 +361,16 @@ def test_gray_blur_augmentation_removes_colour_and_smooths():
     assert tv(b) < tv(a.mean(dim=0, keepdim=True))
 
 
+def test_box_blur_equals_average_pooling_without_the_padding():
+    from clip.data.emoji_train import box_blur3
+
+    torch.manual_seed(0)
+    for shape in [(4, 3, 32, 32), (2, 1, 5, 2), (1, 3, 1, 1), (3, 2, 7, 9)]:
+        x = torch.randn(shape)
+        want = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        torch.testing.assert_close(box_blur3(x), want, rtol=0, atol=1e-6)
+
+
 def _white() -> torch.Tensor:
     from clip.preprocess import CLIP_MEAN, CLIP_STD
 

@@ -54,6 +54,15 @@ class EmojiPairs:
         self._axis = torch.linspace(-1.0, 1.0, data.size)
         self.concepts = [data.concept(int(c)) for c in range(data.num_concepts)]
         self._token_cache: dict[str, torch.Tensor] = {}
+        self._pil_cache: dict[int, Image.Image] = {}
+
+    def _image(self, row: int) -> Image.Image:
+        """The stored pixels of `row` as a PIL image, made once per process (a few thousand 32 px images, ~3 KB
+        each): converting the array every time was a third of the crops' cost."""
+        image = self._pil_cache.get(row)
+        if image is None:
+            image = self._pil_cache[row] = Image.fromarray(self.data.images[row])
+        return image
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -79,7 +88,7 @@ class EmojiPairs:
             rng = np.random.default_rng([self.seed, epoch, i])
             row = int(self.indices[i])
             box = self.crop.get_params(self.data.size, self.data.size, rng)
-            crops.append(_crop_pixels(self.data.images[row], box, self.data.size))
+            crops.append(_crop_pixels(self._image(row), box, self.data.size))
             draws.append([*(rng.random(3) if self.jitter > 0 else ()), *(rng.random(2) if self.gray_blur > 0 else ()),
                           *(rng.random(2) if self.shade > 0 else ())])  # fmt: skip
             captions.append(sample_caption(self.concepts[int(self.data.image_concept[row])], rng))
@@ -106,9 +115,10 @@ class EmojiPairs:
         """With probability `gray_blur` each: drop colour, and blur with a 3x3 box (shape over outlines)."""
         gray = (u[:, 0] < self.gray_blur)[:, None, None, None]
         images = torch.where(gray, images.mean(dim=1, keepdim=True).expand_as(images), images)
-        blur = (u[:, 1] < self.gray_blur)[:, None, None, None]
-        blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
-        return torch.where(blur, blurred, images)
+        blur = (u[:, 1] < self.gray_blur).nonzero().flatten()
+        if len(blur):
+            images[blur] = box_blur3(images[blur])  # only the images drawn for a blur: half the work
+        return images
 
     def _shade(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Light the drawing from a random side: scale the non-white pixels by a linear ramp 1 +- `shade`
@@ -136,11 +146,27 @@ class EmojiPairs:
         return images + (b - 1) * 2.0  # brightness: a shift of up to +-jitter x 2 std units
 
 
-def _crop_pixels(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> the crop `box` (top, left, height, width) resized to [size, size, 3] (bicubic, PIL),
+def _sum3(x: torch.Tensor) -> torch.Tensor:
+    """The sum over each 3x3 window of the last two dims, zero-padded: [..., H, W] -> [..., H, W]."""
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    rows = p[..., :, :-2] + p[..., :, 1:-1] + p[..., :, 2:]
+    return rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
+
+
+def box_blur3(images: torch.Tensor) -> torch.Tensor:
+    """A 3x3 box blur of [B, C, H, W] that averages only the pixels inside the image: what
+    `avg_pool2d(images, 3, 1, 1, count_include_pad=False)` computes, up to float rounding (1e-7), as two
+    separable sums of shifted slices, ~4x faster on the CPU (that pooling was the largest op of a batch's
+    augmentation)."""
+    counts = _sum3(torch.ones(images.shape[-2:], dtype=images.dtype))
+    return _sum3(images) / counts
+
+
+def _crop_pixels(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """An RGB image -> the crop `box` (top, left, height, width) resized to uint8 [size, size, 3] (bicubic, PIL),
     as `RandomResizedCrop.apply` does before normalising."""
     top, left, h, w = box
-    img = Image.fromarray(pixels).crop((left, top, left + w, top + h))
+    img = image.crop((left, top, left + w, top + h))
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img)
