@@ -58,7 +58,7 @@ class EmojiPairs:
 
     def _image(self, row: int) -> Image.Image:
         """The stored pixels of `row` as a PIL image, made once per process (a few thousand 32 px images, ~3 KB
-        each): converting the array every time was a third of the crops' cost."""
+        each): converting the array every time was a quarter of the crops' cost."""
         image = self._pil_cache.get(row)
         if image is None:
             image = self._pil_cache[row] = Image.fromarray(self.data.images[row])
@@ -155,7 +155,7 @@ def _sum3(x: torch.Tensor) -> torch.Tensor:
 
 def box_blur3(images: torch.Tensor) -> torch.Tensor:
     """A 3x3 box blur of [B, C, H, W] that averages only the pixels inside the image: what
-    `avg_pool2d(images, 3, 1, 1, count_include_pad=False)` computes, up to float rounding (1e-7), as two
+    `avg_pool2d(images, 3, 1, 1, count_include_pad=False)` computes, up to float rounding (< 1e-6), as two
     separable sums of shifted slices, ~4x faster on the CPU (that pooling was the largest op of a batch's
     augmentation)."""
     counts = _sum3(torch.ones(images.shape[-2:], dtype=images.dtype))
